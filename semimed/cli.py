@@ -1,0 +1,160 @@
+"""`semimed` entry point: parse, dispatch, nothing else. Bad input exits 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from semimed.errors import SemimedError
+
+
+def _cmd_split(args: argparse.Namespace) -> None:
+    from semimed.config import DataConfig
+    from semimed.data import load_dataset
+    from semimed.data.splits import make_split, summarize
+
+    data_cfg = DataConfig(dataset=args.dataset, root=args.root, task=args.task or DataConfig.task,
+                          magnification=args.magnification, view=args.view)
+    dataset = load_dataset(data_cfg)
+    split = make_split(dataset, args.fraction, args.seed, args.test_fraction, args.val_fraction, args.val_policy)
+    import pandas as pd
+
+    table = pd.DataFrame(summarize(split, dataset))
+    wide = table.pivot_table(index="class", columns="split", values=["patients", "images"], sort=False)
+    wide = wide.reindex(columns=["train", "val", "test", "labeled", "unlabeled"], level=1)
+    print(f"{dataset.name}/{dataset.task}: {len(dataset)} images, {len(set(dataset.patients))} patients; "
+          f"seed {split.seed}, label fraction {split.fraction:g}, {split.protocol}")
+    print(f"patients per split: {split.patients}")
+    print(wide.to_string())
+    for note in split.warnings:
+        print(f"note: {note}")
+    print(f"wrote {split.save(args.out)}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from semimed.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.local:
+        from semimed.experiment import run_training
+
+        run_dir = Path(cfg.output_dir) / cfg.name
+        print(f"run directory: {run_dir.resolve()}")
+        final = run_training(cfg, run_dir)
+    else:
+        from semimed.train import train_once
+
+        print(f"run directory: {(Path(cfg.output_dir) / cfg.name).resolve()}")
+        final = train_once(cfg, args.address)
+    _print_metrics(final)
+
+
+def _print_metrics(final: dict) -> None:
+    for key in sorted(final):
+        if key.startswith("test/") and "/" not in key[5:]:
+            print(f"{key:32s} {final[key]:.4f}" if isinstance(final[key], float) else f"{key:32s} {final[key]}")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from semimed.tune import describe_trials, load_search_space, resolve_storage
+
+    space = load_search_space(args.search_space, args.overrides)
+    experiment = f"{resolve_storage(args.storage).rstrip('/')}/{space.name}"
+    if args.dry_run:
+        print(f"{len(space.trials)} trial(s) of {space.name} -> {experiment}")
+        print("\n".join(describe_trials(space)))
+        return
+    from semimed.train import init_ray
+    from semimed.tune import run_sweep
+
+    print(f"experiment directory: {experiment}")
+    init_ray(args.address)
+    run_sweep(space, args.storage, resume=args.resume)
+    print(f"experiment directory: {experiment}")
+    print(f"next: semimed report {experiment}    |    tensorboard --logdir {experiment}")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from semimed.report import write_report
+
+    _, text = write_report(args.experiment_dir)
+    print(text)
+    print(f"wrote {Path(args.experiment_dir) / 'report.csv'}, report.md, report.png")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from semimed.demo_run import run_demo
+
+    run_demo(Path(args.out), storage=args.storage, smoke=args.smoke_test)
+
+
+def _cmd_backbones(args: argparse.Namespace) -> None:
+    from semimed.models.backbones import backbone_names, create_backbone
+
+    for name in backbone_names():
+        model = create_backbone(name, num_classes=2, in_chans=3, image_size=224 if "vit" in name else None)
+        print(f"{name:28s} {sum(p.numel() for p in model.parameters()) / 1e6:8.2f} M parameters")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semimed", description="Few-label learning lab for medical images")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("split", help="draw a patient-disjoint split with a labeled fraction; print and save it")
+    p.add_argument("dataset", choices=["breakhis", "chestxray14", "medmnist"])
+    p.add_argument("--root", required=True)
+    p.add_argument("--task", default="")
+    p.add_argument("--magnification", default="all")
+    p.add_argument("--view", default="all")
+    p.add_argument("--fraction", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-fraction", type=float, default=0.3)
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--val-policy", default="full")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_split)
+
+    p = sub.add_parser("train", help="one training run (Ray Train; --local: in this process)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: a private local Ray)")
+    p.add_argument("--local", action="store_true", help="run the engine directly, without Ray")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sweep", help="a Ray Tune sweep over a search-space YAML")
+    p.add_argument("search_space")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
+    p.add_argument("--address", default=None)
+    p.add_argument("--storage", default=None, help="results root (local path, NFS path or s3://…)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("report", help="tables and plot of test metrics vs label fraction")
+    p.add_argument("experiment_dir")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("demo", help="synthetic data -> small sweep on local Ray -> report")
+    p.add_argument("--out", default="semimed_demo")
+    p.add_argument("--storage", default=None, help="results root (default: <out>/results)")
+    p.add_argument("--smoke-test", action="store_true", help="a tiny version that finishes in about a minute")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("backbones", help="list the documented backbones with parameter counts")
+    p.set_defaults(func=_cmd_backbones)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SemimedError as exc:
+        print(f"semimed: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Typed, frozen run configuration: YAML in, dotted `key=value` overrides, unknown keys are errors.
+
+The resolved config is saved beside every run (timm's habit), so a number can always be traced back to the
+settings that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from semimed.errors import SemimedError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "breakhis"  # breakhis | chestxray14 | medmnist
+    root: str = ""  # dataset root (a folder, or the .npz file for medmnist)
+    task: str = "binary"  # breakhis: binary | subtype; chestxray14: findings; medmnist: default
+    magnification: str = "all"  # breakhis: 40 | 100 | 200 | 400 | all
+    view: str = "all"  # chestxray14: PA | AP | all
+    image_size: int = 64
+    fraction: float = 0.1  # share of the training images that keep their labels
+    split_seed: int | None = None  # None: the run's seed (BreakHis' 5 repeats are 5 split seeds)
+    test_fraction: float = 0.3  # of patients, when the dataset has no official split (Spanhol et al. 2016)
+    val_fraction: float = 0.15  # of the remaining training patients
+    val_policy: str = "full"  # full | fraction | none  (STUDY_PROTOCOL.md rule 7)
+    split_file: str = ""  # use a saved split JSON instead of drawing one
+    cache_dir: str = ""  # decode-once cache; "" = ~/.cache/semimed
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "small_cnn"
+    pretrained: bool = False
+    pretrained_checkpoint: str = ""
+    drop_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "supervised"
+    # Method-specific keyword arguments (threshold, lambda_u, ...), checked against the method's signature.
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 500  # the budget is in optimizer steps, not epochs (STUDY_PROTOCOL.md rule 5)
+    batch_size: int = 32  # labeled images per step (global, across workers)
+    unlabeled_ratio: int = 1  # mu: unlabeled images per labeled image, for SSL methods
+    optimizer: str = "adamw"  # adamw | sgd | adam
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"  # cosine | constant | step
+    warmup_steps: int = 0
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step schedule, as fractions of steps
+    grad_clip: float = 0.0  # 0 = off
+    amp: str = "off"  # off | bf16 | fp16
+    channels_last: bool = False
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    select_metric: str = ""  # "" = roc_auc; metric on val that picks the reported checkpoint
+    loader_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # fractions pack several trials on one GPU
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    @property
+    def split_seed(self) -> int:
+        return self.seed if self.data.split_seed is None else self.data.split_seed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        from semimed.data.splits import atomic_write_text
+
+        return atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise SemimedError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SemimedError(f"unknown config key {dotted!r}{hint}; valid: {', '.join(sorted(fields))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, dotted)
+        else:
+            kwargs[key] = _coerce(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check (and gently convert) a scalar against its annotation, so typos fail at load, not mid-run."""
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise SemimedError(f"config key {where!r} must not be empty")
+    try:
+        if hint is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if hint is int or text == "int | None":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        kind = getattr(hint, "__name__", text)
+        raise SemimedError(f"config key {where!r}: {value!r} is not a valid {kind}") from None
+    return value
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    return _build(Config, values, "")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 3e-4); the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise SemimedError(f"override {text!r} must look like key=value (e.g. train.steps=200)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict copy. `method.params.threshold` reaches into the params dict."""
+    out = _deep_copy(values)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SemimedError(f"override {dotted!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in values.items()}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SemimedError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SemimedError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise SemimedError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    values = load_yaml(path) if path else {}
+    pairs = dict(parse_override(item) for item in overrides or [])
+    try:
+        return config_from_dict(apply_overrides(values, pairs))
+    except SemimedError as exc:
+        raise SemimedError(f"{path}: {exc}" if path else str(exc)) from None

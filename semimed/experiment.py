@@ -1,0 +1,129 @@
+"""One training run from a Config, in plain Python: dataset -> split -> pixels -> views -> method -> fit.
+
+This is what the Ray Train worker calls, what `semimed train --local` calls, and what tests and benchmarks
+call. It writes, into the run directory: `config.yaml` (resolved), `split.json`, `env.json` (versions, git
+commit), TensorBoard curves under `tb/`, checkpoints, and `metrics.json` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from semimed.config import Config
+from semimed.data import load_dataset
+from semimed.data.augment import build_transform
+from semimed.data.cache import load_pixels
+from semimed.data.splits import Split, atomic_write_text, make_split
+from semimed.data.views import ImageView, TwoView
+from semimed.engine import ReportFn, RunData, fit
+from semimed.errors import SemimedError
+from semimed.methods import create_method
+from semimed.models.backbones import create_backbone
+
+
+def load_split(cfg: Config, dataset) -> Split:
+    if cfg.data.split_file:
+        split = Split.load(cfg.data.split_file)
+        if split.dataset != dataset.name or split.task != dataset.task:
+            raise SemimedError(f"{cfg.data.split_file}: split is for {split.dataset}/{split.task}, "
+                               f"not {dataset.name}/{dataset.task}")
+        return split
+    return make_split(dataset, cfg.data.fraction, cfg.split_seed, cfg.data.test_fraction, cfg.data.val_fraction,
+                      cfg.data.val_policy)
+
+
+def build_run(cfg: Config) -> tuple[Any, RunData, Split]:
+    """Dataset, split and views for `cfg`, plus the method (returned first)."""
+    dataset = load_dataset(cfg.data)
+    split = load_split(cfg, dataset)
+    index = split.indices(dataset)
+    decoded = load_pixels(dataset, cfg.data.image_size, cfg.data.cache_dir or None)
+    used = np.concatenate([index[k] for k in ("train", "val", "test")])
+    bad = sorted(set(decoded.bad_rows) & set(used.tolist()))
+    if bad:
+        first = decoded.bad_rows[bad[0]]
+        raise SemimedError(f"{len(bad)} image(s) of the split cannot be decoded; first: {first}")
+    model = create_backbone(cfg.model.backbone, dataset.num_classes, dataset.channels, cfg.model.pretrained,
+                            cfg.model.pretrained_checkpoint, cfg.model.drop_rate, cfg.data.image_size)
+    mean, std = _normalization_stats(model, cfg)
+    channels = dataset.channels
+
+    def transform(kind: str):
+        return build_transform(kind, cfg.data.image_size, channels, mean, std)
+
+    targets = torch.from_numpy(np.array(dataset.labels))  # a writable copy: the loader's array may be read-only
+    method = create_method(cfg.method.name, model, dataset.num_classes, dataset.multilabel, **cfg.method.params)
+    unlabeled = None
+    if method.uses_unlabeled and len(index["unlabeled"]):
+        unlabeled = TwoView(decoded.pixels, targets, index["unlabeled"], transform("weak"), transform("strong"))
+    data = RunData(
+        labeled=ImageView(decoded.pixels, targets, index["labeled"], transform("weak")),
+        unlabeled=unlabeled,
+        val=ImageView(decoded.pixels, targets, index["val"], transform("none")) if len(index["val"]) else None,
+        test=ImageView(decoded.pixels, targets, index["test"], transform("none")),
+        classes=dataset.classes,
+        multilabel=dataset.multilabel,
+        targets=np.asarray(dataset.labels),
+        patient_ids=dataset.patients.astype(str),
+    )
+    return method, data, split
+
+
+def _normalization_stats(model, cfg: Config):
+    if not (cfg.model.pretrained or cfg.model.pretrained_checkpoint):
+        return None, None
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    return pretrained_cfg.get("mean"), pretrained_cfg.get("std")
+
+
+def environment() -> dict[str, str]:
+    """Package versions and git commit: everything that produced a number is kept (STUDY_PROTOCOL rule 9)."""
+    import timm
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": np.__version__, "platform": platform.platform()}
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = ""
+    return info
+
+
+def run_training(
+    cfg: Config,
+    run_dir: str | Path,
+    report: ReportFn | None = None,
+    resume_from: str | Path | None = None,
+    device: torch.device | None = None,
+    write_files: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Build and fit one run; returns the final metrics. `write_files` is False on non-zero DDP ranks."""
+    run_dir = Path(run_dir)
+    # Weight init, dropout and augmentations draw from torch's generator: seed it per run, inside a fork so
+    # the caller's global RNG state is left as it was (splits use their own explicit generators).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        method, data, split = build_run(cfg)
+        if write_files:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / "config.yaml")
+            split.save(run_dir / "split.json")
+            atomic_write_text(run_dir / "env.json", json.dumps(environment(), indent=1))
+        final = fit(method, data, cfg.train, seed=cfg.seed, run_dir=run_dir if write_files else None,
+                    report=report, resume_from=resume_from, device=device, show_progress=show_progress)
+    if write_files:
+        atomic_write_text(run_dir / "metrics.json", json.dumps(_jsonable(final), indent=1, sort_keys=True))
+    return final
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in values.items()}

@@ -1,0 +1,8 @@
+"""Training methods, one file each, behind `Method.train_step`. `create_method` builds one by name."""
+
+from semimed.methods.base import METHODS, Batch, Method, StepOutput, create_method
+
+# Importing the modules registers them.
+from semimed.methods import supervised  # noqa: E402,F401  isort: skip
+
+__all__ = ["METHODS", "Batch", "Method", "StepOutput", "create_method"]
