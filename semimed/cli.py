@@ -14,22 +14,51 @@ def _cmd_split(args: argparse.Namespace) -> None:
     from semimed.data import load_dataset
     from semimed.data.splits import make_split, summarize
 
-    data_cfg = DataConfig(dataset=args.dataset, root=args.root, task=args.task or DataConfig.task,
-                          magnification=args.magnification, view=args.view)
+    data_cfg = DataConfig(
+        dataset=args.dataset,
+        root=args.root,
+        task=args.task or DataConfig.task,
+        magnification=args.magnification,
+        view=args.view,
+        drop_missing=args.drop_missing,
+    )
     dataset = load_dataset(data_cfg)
-    split = make_split(dataset, args.fraction, args.seed, args.test_fraction, args.val_fraction, args.val_policy)
+    split = make_split(
+        dataset, args.fraction, args.seed, args.test_fraction, args.val_fraction, args.val_policy
+    )
     import pandas as pd
 
     table = pd.DataFrame(summarize(split, dataset))
     wide = table.pivot_table(index="class", columns="split", values=["patients", "images"], sort=False)
     wide = wide.reindex(columns=["train", "val", "test", "labeled", "unlabeled"], level=1)
-    print(f"{dataset.name}/{dataset.task}: {len(dataset)} images, {len(set(dataset.patients))} patients; "
-          f"seed {split.seed}, label fraction {split.fraction:g}, {split.protocol}")
+    print(
+        f"{dataset.name}/{dataset.task}: {len(dataset)} images, {len(set(dataset.patients))} patients; "
+        f"seed {split.seed}, label fraction {split.fraction:g}, {split.protocol}"
+    )
     print(f"patients per split: {split.patients}")
     print(wide.to_string())
     for note in split.warnings:
         print(f"note: {note}")
     print(f"wrote {split.save(args.out)}")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from semimed.prepare import prepare
+
+    result = prepare(
+        args.dataset,
+        args.root,
+        args.size,
+        args.out,
+        task=args.task,
+        view=args.view,
+        magnification=args.magnification,
+        drop_missing=args.drop_missing,
+        workers=args.workers,
+        rebuild=args.rebuild,
+        download=args.download,
+    )
+    print("\n".join(result.lines))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -53,7 +82,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _print_metrics(final: dict) -> None:
     for key in sorted(final):
         if key.startswith("test/") and "/" not in key[5:]:
-            print(f"{key:32s} {final[key]:.4f}" if isinstance(final[key], float) else f"{key:32s} {final[key]}")
+            print(
+                f"{key:32s} {final[key]:.4f}" if isinstance(final[key], float) else f"{key:32s} {final[key]}"
+            )
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
@@ -89,19 +120,46 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), storage=args.storage, smoke=args.smoke_test)
 
 
-def _cmd_backbones(args: argparse.Namespace) -> None:
-    from semimed.models.backbones import backbone_names, create_backbone
+def _cmd_submit(args: argparse.Namespace) -> None:
+    from semimed.jobs import submit
 
+    _, status = submit(
+        args.search_space, args.overrides, args.address, args.storage, args.token_path, wait=not args.no_wait
+    )
+    if status not in ("SUCCEEDED", "SUBMITTED"):
+        raise SemimedError(f"the sweep job ended {status}")
+
+
+def _cmd_backbones(args: argparse.Namespace) -> None:
+    from semimed.explain import GRADCAM_LAYERS
+    from semimed.models.backbones import backbone_names, count_parameters, create_backbone
+
+    # Counted as published (ImageNet-1k: 3 x 224 px, 1000-class head), so the numbers can be checked against
+    # timm and the papers; a run's own head (K classes) and gray stem change them slightly.
+    print(f"{'backbone':24s} {'parameters (ImageNet-1k head)':>30s}  Grad-CAM layer")
     for name in backbone_names():
-        model = create_backbone(name, num_classes=2, in_chans=3, image_size=224 if "vit" in name else None)
-        print(f"{name:28s} {sum(p.numel() for p in model.parameters()) / 1e6:8.2f} M parameters")
+        model = create_backbone(name, num_classes=1000, in_chans=3, image_size=224 if "vit" in name else None)
+        print(f"{name:24s} {count_parameters(model):>30,}  {GRADCAM_LAYERS.get(name, '(last feature map)')}")
+
+
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from semimed.explain import explain_run
+
+    results = explain_run(args.run_dir, args.images, args.out, target=args.target, layer=args.layer)
+    for item in results:
+        print(
+            f"{item.image}: predicted {item.prediction}; map for {item.target} (p={item.score:.3f}) -> {item.output}"
+        )
+    print(f"TensorBoard: tensorboard --logdir {Path(args.run_dir) / 'tb'}  (images tab, tag gradcam)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semimed", description="Few-label learning lab for medical images")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("split", help="draw a patient-disjoint split with a labeled fraction; print and save it")
+    p = sub.add_parser(
+        "split", help="draw a patient-disjoint split with a labeled fraction; print and save it"
+    )
     p.add_argument("dataset", choices=["breakhis", "chestxray14", "medmnist"])
     p.add_argument("--root", required=True)
     p.add_argument("--task", default="")
@@ -112,8 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.3)
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--val-policy", default="full")
+    p.add_argument("--drop-missing", action="store_true", help="chestxray14: drop rows whose image is absent")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_split)
+
+    p = sub.add_parser(
+        "prepare", help="decode every image once into the cache that runs with data.cache_dir read"
+    )
+    p.add_argument("dataset", choices=["breakhis", "chestxray14", "medmnist"])
+    p.add_argument("--root", required=True, help="dataset folder (medmnist: the .npz file)")
+    p.add_argument("--size", type=int, required=True, help="side in pixels (= data.image_size of the runs)")
+    p.add_argument("--out", required=True, help="cache directory (= data.cache_dir of the runs)")
+    p.add_argument("--task", default="")
+    p.add_argument("--magnification", default="all")
+    p.add_argument("--view", default="all")
+    p.add_argument(
+        "--drop-missing",
+        action="store_true",
+        help="chestxray14: drop metadata rows whose image is absent (counted in the manifest)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores, at most 8)")
+    p.add_argument("--rebuild", action="store_true", help="decode again even if a complete cache exists")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="medmnist: fetch --root through the optional medmnist package if it does not exist",
+    )
+    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("train", help="one training run (Ray Train; --local: in this process)")
     p.add_argument("config")
@@ -131,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
     p.set_defaults(func=_cmd_sweep)
 
+    p = sub.add_parser("submit", help="submit a sweep to a Ray cluster (Ray Job API) and follow it")
+    p.add_argument("search_space", help="path relative to the current directory, which is uploaded")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
+    p.add_argument("--address", required=True, help="dashboard address, e.g. http://127.0.0.1:8265")
+    p.add_argument("--storage", default=None, help="results root visible to every node (NFS path, s3://…)")
+    p.add_argument(
+        "--token-path",
+        default=None,
+        help="Ray auth token file (default: RAY_AUTH_TOKEN[_PATH], ~/.ray/auth_token)",
+    )
+    p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    p.set_defaults(func=_cmd_submit)
+
     p = sub.add_parser("report", help="tables and plot of test metrics vs label fraction")
     p.add_argument("experiment_dir")
     p.set_defaults(func=_cmd_report)
@@ -143,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backbones", help="list the documented backbones with parameter counts")
     p.set_defaults(func=_cmd_backbones)
+
+    p = sub.add_parser("explain", help="Grad-CAM heat-map overlays (PNG) for images under a trained run")
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--images", nargs="+", required=True, help="image files (any size; resized like evaluation)"
+    )
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/gradcam)")
+    p.add_argument("--target", default=None, help="class to explain (default: each image's top class)")
+    p.add_argument(
+        "--layer", default=None, help="module name of the layer (default: per backbone, see explain.py)"
+    )
+    p.set_defaults(func=_cmd_explain)
     return parser
 
 

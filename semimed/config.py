@@ -32,6 +32,9 @@ class DataConfig:
     val_policy: str = "full"  # full | fraction | none  (STUDY_PROTOCOL.md rule 7)
     split_file: str = ""  # use a saved split JSON instead of drawing one
     cache_dir: str = ""  # decode-once cache; "" = ~/.cache/semimed
+    drop_missing: bool = (
+        False  # chestxray14: drop metadata rows whose image is absent (else: stop, naming them)
+    )
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,9 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "cosine"  # cosine | constant | step
     warmup_steps: int = 0
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step schedule, as fractions of steps
+    milestones: list[float] = field(
+        default_factory=lambda: [0.5, 0.75]
+    )  # step schedule, as fractions of steps
     grad_clip: float = 0.0  # 0 = off
     amp: str = "off"  # off | bf16 | fp16
     channels_last: bool = False
@@ -69,14 +74,16 @@ class TrainConfig:
     select_metric: str = ""  # "" = roc_auc; metric on val that picks the reported checkpoint
     loader_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    augment: str = "weak"  # labeled view: weak | none (the MedMNIST v2 protocol trains without augmentation)
 
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    num_workers: int = 1  # Ray Train workers (DDP ranks); 0 = a sweep trial trains in-process (no Train)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # fractions pack several trials on one GPU
+    max_failures: int = 1  # Ray Train restarts of a failed worker group; it resumes from its last checkpoint
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             if isinstance(value, (dict, list)):
                 raise TypeError
             return str(value)
+        if text.startswith("list[float]"):
+            if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                  for v in value):
+                raise TypeError
+            return [float(v) for v in value]
     except (TypeError, ValueError):
         kind = getattr(hint, "__name__", text)
         raise SemimedError(f"config key {where!r}: {value!r} is not a valid {kind}") from None
@@ -164,7 +176,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise SemimedError(f"override {text!r} must look like key=value (e.g. train.steps=200)")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):
+        # YAML 1.1 reads `1e-3` (no dot) as a string; on a command line it means a number.
+        try:
+            if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") and "_" not in value:
+                value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

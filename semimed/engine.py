@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from semimed.config import TrainConfig
+from semimed.data.augment import Normalizer
 from semimed.data.views import ImageView, TwoView, eval_loader, step_loader
 from semimed.errors import SemimedError
 from semimed.losses import probabilities
@@ -47,6 +48,8 @@ class RunData:
     multilabel: bool
     targets: np.ndarray  # per dataset row: int [N] or float [N, K] with NaN
     patient_ids: np.ndarray | None = None  # per dataset row; enables patient-level accuracy
+    # Views yield uint8 images; the engine normalizes them on the device with this.
+    normalize: Normalizer | None = None
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -65,7 +68,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
     param_groups = [
-        {"params": g["params"], "lr": cfg.lr * g.get("lr_scale", 1.0), "initial_lr": cfg.lr * g.get("lr_scale", 1.0)}
+        {
+            "params": g["params"],
+            "lr": cfg.lr * g.get("lr_scale", 1.0),
+            "initial_lr": cfg.lr * g.get("lr_scale", 1.0),
+        }
         for g in groups
         if g["params"]
     ]
@@ -74,8 +81,13 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opt
     if cfg.optimizer == "adam":
         return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(
+            param_groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.momentum > 0,
+        )
     raise SemimedError(f"unknown train.optimizer {cfg.optimizer!r}; valid: adam, adamw, sgd")
 
 
@@ -90,8 +102,20 @@ def _canonical_key(key: str) -> str:
     return re.sub(r"(^|\.)module\.", r"\1", key)
 
 
-def method_state(method: Method) -> dict[str, torch.Tensor]:
-    return {_canonical_key(k): v.detach().cpu().clone() for k, v in method.state_dict().items()}
+def method_state(method: Method) -> dict[str, Any]:
+    return {_canonical_key(k): _cpu_copy(v) for k, v in method.state_dict().items()}
+
+
+def _cpu_copy(value: Any) -> Any:
+    """Tensors -> detached CPU copies, recursively through the dicts and lists of a module's extra state
+    (nn.Module.get_extra_state, e.g. GAN-SSL's generator optimizer); other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -106,7 +130,9 @@ def load_checkpoint(folder: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise SemimedError(f"{path}: checkpoint not found") from None
     except Exception as exc:
-        raise SemimedError(f"{path}: not a loadable semimed checkpoint ({type(exc).__name__}: {exc})") from None
+        raise SemimedError(
+            f"{path}: not a loadable semimed checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def save_checkpoint(state: dict[str, Any], folder: Path, step: int) -> Path:
@@ -140,32 +166,50 @@ class _Tensorboard:
             if isinstance(value, (int, float)) and np.isfinite(value):
                 self.writer.add_scalar(key, value, step)
 
+    def images(self, grids: dict[str, torch.Tensor], step: int) -> None:
+        if self.writer is None:
+            return
+        for key, images in grids.items():
+            self.writer.add_images(key, images.detach().float().clamp(0, 1).cpu(), step)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
 
-def _to_device(batch, device: torch.device, channels_last: bool):
+def _to_device(batch, device: torch.device, channels_last: bool, normalize: Normalizer | None):
+    """Move a loader batch to the device; image tensors [B, C, H, W] are normalized there (uint8 -> float)."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     out = []
     for item in batch:
         if isinstance(item, torch.Tensor):
             item = item.to(device, non_blocking=True)
             if item.ndim == 4:
-                item = item.contiguous(memory_format=memory_format)
+                item = (normalize(item) if normalize is not None else item).contiguous(
+                    memory_format=memory_format
+                )
         out.append(item)
     return out
 
 
 @torch.no_grad()
-def predict_scores(method: Method, view: ImageView, batch_size: int, device: torch.device, autocast,
-                   rank: int, world: int, channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict_scores(
+    method: Method,
+    view: ImageView,
+    batch_size: int,
+    device: torch.device,
+    autocast,
+    rank: int,
+    world: int,
+    channels_last: bool = False,
+    normalize: Normalizer | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(rows, probabilities [n, K]) over the whole view, gathered from every rank in row order."""
     was_training = method.training
     method.eval()
     rows, scores = [], []
     for x, _, row in eval_loader(view, batch_size, rank, world):
-        (x,) = _to_device([x], device, channels_last)
+        (x,) = _to_device([x], device, channels_last, normalize)
         with autocast():
             scores.append(probabilities(method.predict(x), method.multilabel).cpu().numpy())
         rows.append(row.numpy())
@@ -199,6 +243,9 @@ def fit(
     every evaluation: `step`, `train/*` and `val/*`; at the end: `test/*` for the checkpoint selected on val
     (`cfg.select_metric`, default roc_auc; the last one under val_policy none) and `test_last/*`.
     """
+    for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "unlabeled_ratio"):
+        if getattr(cfg, key) < 1:
+            raise SemimedError(f"train.{key}={getattr(cfg, key)} must be >= 1")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = device or resolve_device(cfg.device)
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -213,6 +260,12 @@ def fit(
         method.load_state_dict(state["method"])
         start_step = int(state["step"])
         best = state["best"]
+    if world > 1:
+        # Every rank must start from the same step, or the first collective op hangs forever.
+        starts: list[Any] = [None] * world
+        dist.all_gather_object(starts, start_step)
+        if len(set(starts)) != 1:
+            raise SemimedError(f"DDP ranks would resume from different steps {starts}; is run_dir shared?")
     method.to(device)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -235,39 +288,79 @@ def fit(
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
 
+    data.normalize = data.normalize or Normalizer(int(data.labeled.pixels.shape[1]))
     local_batch = cfg.batch_size // world
-    labeled_iter = iter(step_loader(data.labeled, cfg.batch_size, seed, start_step, rank, world, cfg.loader_workers))
+    labeled_iter = iter(
+        step_loader(data.labeled, cfg.batch_size, seed, start_step, rank, world, cfg.loader_workers)
+    )
     unlabeled_iter = None
     if method.uses_unlabeled and data.unlabeled is not None:
-        unlabeled_iter = iter(step_loader(data.unlabeled, cfg.batch_size * cfg.unlabeled_ratio, seed + 1,
-                                          start_step, rank, world, cfg.loader_workers))
+        unlabeled_iter = iter(
+            step_loader(
+                data.unlabeled,
+                cfg.batch_size * cfg.unlabeled_ratio,
+                seed + 1,
+                start_step,
+                rank,
+                world,
+                cfg.loader_workers,
+            )
+        )
 
-    def evaluate(view: ImageView, thresholds: np.ndarray | None, choose: bool) -> tuple[dict, np.ndarray | None]:
-        rows, scores = predict_scores(method, view, max(local_batch, 64), device, autocast, rank, world,
-                                      cfg.channels_last)
+    if state is not None and "torch_rng" in state:
+        # Augmentations and dropout draw from torch's generator: continue its stream, so a resumed run sees the
+        # same random crops as an uninterrupted one (exact with loader_workers=0). Restored after the loaders
+        # are built, because creating a loader iterator draws from the same generator.
+        torch.set_rng_state(state["torch_rng"])
+
+    def evaluate(
+        view: ImageView, thresholds: np.ndarray | None, choose: bool
+    ) -> tuple[dict, np.ndarray | None]:
+        rows, scores = predict_scores(
+            method,
+            view,
+            max(local_batch, 64),
+            device,
+            autocast,
+            rank,
+            world,
+            cfg.channels_last,
+            data.normalize,
+        )
         targets = data.targets[rows]
         if choose and data.multilabel:
             thresholds = choose_thresholds(targets, scores, "youden", classes=data.classes)
         patients = data.patient_ids[rows] if data.patient_ids is not None else None
-        return evaluate_scores(targets, scores, data.classes, data.multilabel, patients, thresholds), thresholds
+        return evaluate_scores(
+            targets, scores, data.classes, data.multilabel, patients, thresholds
+        ), thresholds
 
     board = _Tensorboard(run_dir, rank == 0)
     log_every = max(1, min(50, cfg.eval_every // 4))
     running: dict[str, list] = {}
     method.train()
-    progress = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", mininterval=5.0,
-                    disable=not show_progress or rank != 0)
+    progress = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        mininterval=5.0,
+        disable=not show_progress or rank != 0,
+    )
     tick, images, last_train, metrics = time.perf_counter(), 0, {}, {}
     for step in range(start_step, cfg.steps):
-        x, y, _ = _to_device(next(labeled_iter), device, cfg.channels_last)
+        x, y, _ = _to_device(next(labeled_iter), device, cfg.channels_last, data.normalize)
         batch = Batch(x, y)
         if unlabeled_iter is not None:
-            batch.u_weak, batch.u_strong, batch.u_true, _ = _to_device(next(unlabeled_iter), device,
-                                                                       cfg.channels_last)
+            batch.u_weak, batch.u_strong, batch.u_true, _ = _to_device(
+                next(unlabeled_iter), device, cfg.channels_last, data.normalize
+            )
         with autocast():
             out = method.train_step(batch, step)
         if not torch.isfinite(out.loss.detach()):
-            raise SemimedError(f"loss became {float(out.loss)} at step {step}; lower train.lr or enable grad_clip")
+            raise SemimedError(
+                f"loss became {float(out.loss)} at step {step}; lower train.lr or enable grad_clip"
+            )
         scaler.scale(out.loss).backward()
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -285,8 +378,11 @@ def fit(
         progress.update(1)
         if done % log_every == 0 or done == cfg.steps:
             elapsed = time.perf_counter() - tick
-            scalars = {k: float(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vals]).mean())
-                       for k, vals in running.items()}
+            # nanmean: a log may be undefined at a step (pseudo_acc with no confident pseudo-label is NaN).
+            scalars = {
+                k: float(torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vals]).nanmean())
+                for k, vals in running.items()
+            }
             scalars["train/lr"] = optimizer.param_groups[0]["lr"]
             scalars["train/images_per_s"] = images / max(elapsed, 1e-9)
             board.scalars(scalars, done)
@@ -295,25 +391,50 @@ def fit(
             last_train = scalars
         if done % cfg.eval_every == 0 or done % cfg.checkpoint_every == 0 or done == cfg.steps:
             metrics = {"step": done, **last_train}
-            if data.val is not None and len(data.val) > 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
+            if (
+                data.val is not None
+                and len(data.val) > 0
+                and (done % cfg.eval_every == 0 or done == cfg.steps)
+            ):
                 val_metrics, thresholds = evaluate(data.val, None, choose=True)
                 metrics.update({f"val/{k}": v for k, v in val_metrics.items()})
                 board.scalars({f"val/{k}": v for k, v in val_metrics.items()}, done)
+                if rank == 0:
+                    board.images(method.tensorboard_images(), done)
                 score = val_metrics.get(select_metric, math.nan)
                 if score is not None and np.isfinite(score) and score > best["score"]:
-                    best = {"score": float(score), "step": done, "state": method_state(method),
-                            "thresholds": None if thresholds is None else torch.as_tensor(thresholds)}
+                    best = {
+                        "score": float(score),
+                        "step": done,
+                        "state": method_state(method),
+                        "thresholds": None if thresholds is None else torch.as_tensor(thresholds),
+                    }
             checkpoint_path = None
             if rank == 0 and run_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                checkpoint_path = str(save_checkpoint({
-                    "step": done, "method": method_state(method), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "best": best,
-                }, run_dir / "checkpoints", done))
+                checkpoint_path = str(
+                    save_checkpoint(
+                        {
+                            "step": done,
+                            "method": method_state(method),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "best": best,
+                            "torch_rng": torch.get_rng_state(),
+                        },
+                        run_dir / "checkpoints",
+                        done,
+                    )
+                )
             if report is not None and done < cfg.steps:
                 report(metrics, checkpoint_path)
     progress.close()
 
-    final: dict[str, Any] = {"step": cfg.steps, "selected_step": best["step"] if best["state"] else cfg.steps}
+    final: dict[str, Any] = {
+        "step": cfg.steps,
+        "selected_step": best["step"] if best["state"] else cfg.steps,
+        "resumed_from_step": start_step,
+    }
     if start_step < cfg.steps:
         final.update({k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))})
     last_state = method_state(method)
@@ -335,7 +456,9 @@ def fit(
     board.close()
     if report is not None:
         checkpoint_path = str(latest_checkpoint(run_dir / "checkpoints")) if run_dir and rank == 0 else None
-        report({**final, "done": True}, checkpoint_path)
+        # Not "done": Tune reads a result with done=True as "stop this trial", which would kill the worker
+        # before run_training writes metrics.json.
+        report({**final, "final": True}, checkpoint_path)
     return final
 
 

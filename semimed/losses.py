@@ -14,7 +14,9 @@ def supervised_loss(logits: torch.Tensor, targets: torch.Tensor, multilabel: boo
     return masked_bce(logits, targets)
 
 
-def masked_bce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def masked_bce(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """BCE-with-logits over entries whose target is not NaN (and whose `weight` is > 0).
 
     logits, targets, weight: [B, K]. Returns the mean over the used entries (0 when none is used, with a
@@ -22,7 +24,9 @@ def masked_bce(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
     """
     known = ~torch.isnan(targets)
     mask = known.float() if weight is None else known.float() * weight
-    per_entry = F.binary_cross_entropy_with_logits(logits.float(), torch.nan_to_num(targets.float()), reduction="none")
+    per_entry = F.binary_cross_entropy_with_logits(
+        logits.float(), torch.nan_to_num(targets.float()), reduction="none"
+    )
     return (per_entry * mask).sum() / mask.sum().clamp(min=1.0)
 
 

@@ -31,7 +31,9 @@ class Registry(Generic[T]):
         try:
             return self._factories[name]
         except KeyError:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._factories))}") from None
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._factories))}"
+            ) from None
 
     def names(self) -> list[str]:
         return sorted(self._factories)

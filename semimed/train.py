@@ -8,6 +8,7 @@ directory) to `ray.train.report`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,44 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         # Ray sets OMP_NUM_THREADS from the worker's CPU share; make torch follow it (it reads it only at import).
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
+    _quiet_report_log()
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(summary_metrics(metrics), checkpoint=checkpoint)
 
+    # Which process trains which rank: for operators (and the fault-tolerance test, which kills one).
+    pid_dir = Path(config["run_dir"]) / "workers"
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_dir:
-        run_training(cfg, config["run_dir"], report=report, resume_from=resume_dir, device=device,
-                     write_files=rank == 0, show_progress=config.get("show_progress", True))
+        run_training(
+            cfg,
+            config["run_dir"],
+            report=report,
+            resume_from=resume_dir,
+            device=device,
+            write_files=rank == 0,
+            show_progress=config.get("show_progress", True),
+        )
+
+
+def summary_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What goes to Ray: step, train/*, and summary val/test metrics. Per-class values (`val/roc_auc/benign`)
+    stay in the run's metrics.json and TensorBoard; they would flood Tune's tables and logs."""
+    return {k: v for k, v in metrics.items() if k.count("/") <= 1}
+
+
+def _quiet_report_log() -> None:
+    # Ray Train V2 logs every report's full TrainingReport at INFO from a logger named after its source file,
+    # which `ray.train.LoggingConfig` does not reach.
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # a Ray without that module: nothing to quiet
+        pass
 
 
 def build_trainer(
@@ -45,7 +76,6 @@ def build_trainer(
     storage_path: str,
     run_name: str,
     callbacks: list | None = None,
-    max_failures: int = 0,
     show_progress: bool = True,
 ) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer for one run. `run_name` must be deterministic so a retried run finds its checkpoints."""
@@ -63,7 +93,7 @@ def build_trainer(
             name=run_name,
             storage_path=storage_path,
             callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # Ray logs every report's full metrics dict at INFO; the engine has its own progress and TensorBoard.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -75,7 +105,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start a private local Ray (address None) or connect to a cluster. Never attach to a stale local one.
 
     Locally, logical CPUs are at least 4: a Tune trial plus its Train worker need 2 CPUs, and two concurrent
-    trials would otherwise wait forever on a 2-core machine (RAY_NOTES.md).
+    trials would otherwise wait forever on a 2-core machine (RAY_NOTES.md). The dashboard runs (on loopback):
+    Ray Train's PlacementGroupCleaner asks the State API, which the dashboard serves, whether a finished run's
+    controller is gone; without it every finished Train run in a sweep leaks its workers' placement group
+    until the sweep's CPUs are all reserved and the next trial's workers never start.
     """
     if ray.is_initialized():
         return
@@ -83,14 +116,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=True, configure_logging=True, logging_level="warning")
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            configure_logging=True,
+            logging_level="warning",
+        )
 
 
 def train_once(cfg: Config, address: str | None = None) -> dict[str, Any]:
-    """`semimed train`: one run on Ray Train; returns the final metrics."""
+    """`semimed train`: one run on Ray Train; returns the final metrics. `scaling.num_workers: 0` trains in
+    this process (no Ray), like `semimed train --local`."""
+    if cfg.scaling.num_workers == 0:
+        return run_training(cfg, Path(cfg.output_dir) / cfg.name)
     init_ray(address)
-    storage = str(Path(cfg.output_dir).expanduser().resolve()) if "://" not in cfg.output_dir else cfg.output_dir
+    storage = (
+        str(Path(cfg.output_dir).expanduser().resolve()) if "://" not in cfg.output_dir else cfg.output_dir
+    )
     run_dir = Path(storage) / cfg.name
     trainer = build_trainer(cfg, run_dir, storage_path=str(Path(storage) / ".ray_train"), run_name=cfg.name)
     result = trainer.fit()

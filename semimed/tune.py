@@ -1,17 +1,29 @@
-"""Ray Tune adapter: a search-space YAML -> a Tuner whose trials each build and fit a TorchTrainer.
+"""Ray Tune adapter: a search-space YAML -> Tuner(s) whose trials each build and fit a TorchTrainer.
 
-Search-space YAML (unknown top-level keys are errors):
+Search-space YAML (unknown keys are errors; see search_spaces/ for complete examples):
 
-    name: breakhis_label_fraction       # experiment name -> <storage>/<name>
-    base: {data: {...}, train: {...}}   # a semimed config (or `base_config: path/to/config.yaml`)
-    grid:                                # full factorial over dotted config keys (FIFO, every cell run)
+    name: breakhis_ssl                    # experiment name -> <storage>/<name>
+    base: {data: {...}, train: {...}}     # a semimed config (or `base_config: path/to/config.yaml`)
+    grid:                                 # full factorial over dotted config keys: every cell is run
+      method.name: [supervised, fixmatch]
       data.fraction: [0.01, 0.05, 0.1]
       seed: [0, 1, 2]
-    max_concurrent_trials: 2             # optional; default derived from the cluster's resources
-    max_failures: 1                      # Tune retries of a failed trial (it resumes from its checkpoint)
+    sample:                               # optional sampled hyperparameters, num_samples per grid cell
+      train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+      method.params.threshold: {uniform: [0.8, 0.98]}
+    num_samples: 1
+    search: {algorithm: random, metric: val/roc_auc, mode: max}   # random | optuna | hyperopt
+    scheduler: {name: fifo}                # fifo (default) | asha (grace_period, reduction_factor)
+    trial_resources: {num_workers: 1, cpus_per_worker: 1, use_gpu: false, gpus_per_worker: 1}
+    max_concurrent_trials: 2               # optional; default: what the cluster's CPUs/GPUs fit
+    max_failures: 1                        # Tune retries of a failed trial (it resumes from its checkpoint)
+
+FIFO is the default because a fraction × seed study must run every cell to the same budget: early stopping
+would bias the small-fraction means. Optuna and HyperOpt reject grid axes, so with them each grid cell is
+its own search (the outer-grid pattern): one Tuner per cell, all in the same experiment directory.
 
 Each trial's files live in `<storage>/<name>/runs/<trial>/` (config, split, TensorBoard, metrics.json); Tune's
-own event files and state live in `<storage>/<name>/` as usual, so `tensorboard --logdir <storage>/<name>`
+own event files and state live under `<storage>/<name>/` too, so `tensorboard --logdir <storage>/<name>`
 shows both.
 """
 
@@ -26,11 +38,36 @@ from typing import Any
 import ray
 from ray import tune
 
-from semimed.config import apply_overrides, config_from_dict, load_yaml
+from semimed.config import apply_overrides, config_from_dict, load_yaml, parse_override
 from semimed.errors import SemimedError
 
-SEARCH_SPACE_KEYS = ("name", "base", "base_config", "grid", "max_concurrent_trials", "max_failures", "description")
+SEARCH_SPACE_KEYS = (
+    "name",
+    "description",
+    "base",
+    "base_config",
+    "grid",
+    "sample",
+    "num_samples",
+    "search",
+    "scheduler",
+    "trial_resources",
+    "max_concurrent_trials",
+    "max_failures",
+)
+DISTRIBUTIONS = {
+    "uniform": tune.uniform,
+    "loguniform": tune.loguniform,
+    "choice": tune.choice,
+    "randint": tune.randint,
+    "quniform": tune.quniform,
+}
+ALGORITHMS = ("random", "optuna", "hyperopt")
+SCHEDULERS = ("fifo", "asha")
 DEFAULT_STORAGE = "~/semimed_results"
+# The trial function itself only waits on its TorchTrainer: it reserves half a CPU, not a whole one.
+TRIAL_CPU = 0.5
+TRIAL_RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu")
 
 
 @dataclass(frozen=True)
@@ -38,44 +75,107 @@ class SearchSpace:
     name: str
     base: dict[str, Any]
     grid: dict[str, list[Any]]
+    sample: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    num_samples: int = 1
+    algorithm: str = "random"
+    metric: str = "val/roc_auc"
+    mode: str = "max"
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "fifo"})
     max_concurrent_trials: int | None = None
     max_failures: int = 1
     source: str = ""
     description: str = ""
-    trials: list[dict[str, Any]] = field(default_factory=list)  # the grid, expanded
+
+    @property
+    def cells(self) -> list[dict[str, Any]]:
+        """The grid, expanded: one dict of dotted overrides per cell."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values, strict=True)) for values in itertools.product(*self.grid.values())]
+
+    @property
+    def trials(self) -> list[dict[str, Any]]:
+        return [cell for cell in self.cells for _ in range(self.num_samples)]
 
     def trial_config(self, overrides: dict[str, Any]):
         return config_from_dict(apply_overrides(self.base, overrides))
 
+    def sampled_space(self) -> dict[str, Any]:
+        return {
+            key: DISTRIBUTIONS[kind](*args)
+            if kind != "choice"
+            else tune.choice(args[0] if len(args) == 1 and isinstance(args[0], list) else args)
+            for key, spec in self.sample.items()
+            for kind, args in spec.items()
+        }
+
 
 def load_search_space(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
     """Parse and validate a search space: every grid cell must make a valid config (typos fail here)."""
-    from semimed.config import parse_override
-
     path = Path(path)
     raw = load_yaml(path)
+
+    def fail(message: str) -> SemimedError:
+        return SemimedError(f"{path}: {message}")
+
     unknown = sorted(set(raw) - set(SEARCH_SPACE_KEYS))
     if unknown:
-        raise SemimedError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SEARCH_SPACE_KEYS)}")
+        raise fail(f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(SEARCH_SPACE_KEYS)}")
     base = raw.get("base") or {}
     if raw.get("base_config"):
         base = apply_overrides(load_yaml(path.parent / raw["base_config"]), _flatten(base))
+    resources = raw.get("trial_resources") or {}
+    bad = sorted(set(resources) - set(TRIAL_RESOURCE_KEYS))
+    if bad:
+        raise fail(
+            f"unknown trial_resources key(s) {', '.join(bad)}; valid: {', '.join(TRIAL_RESOURCE_KEYS)}"
+        )
+    base = apply_overrides(base, {f"scaling.{k}": v for k, v in resources.items()})
     base = apply_overrides(base, dict(parse_override(item) for item in overrides or []))
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
-        raise SemimedError(f"{path}: 'grid' must map dotted config keys to non-empty lists")
-    keys = list(grid)
-    trials = [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
-    space = SearchSpace(name=str(raw.get("name") or path.stem), base=base, grid=grid,
-                        max_concurrent_trials=raw.get("max_concurrent_trials"),
-                        max_failures=int(raw.get("max_failures", 1)), source=str(path),
-                        description=str(raw.get("description", "")), trials=trials)
-    for trial in trials or [{}]:
+        raise fail("'grid' must map dotted config keys to non-empty lists")
+    sample = raw.get("sample") or {}
+    for key, spec in sample.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise fail(f"sample.{key} must be one of {{{', '.join(DISTRIBUTIONS)}: [args]}}")
+        if key in grid:
+            raise fail(f"{key} is both a grid axis and sampled")
+    search = raw.get("search") or {}
+    algorithm = search.get("algorithm", "random")
+    if algorithm not in ALGORITHMS:
+        raise fail(f"unknown search.algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}")
+    scheduler = {"name": "fifo", **(raw.get("scheduler") or {})}
+    if scheduler["name"] not in SCHEDULERS:
+        raise fail(f"unknown scheduler.name {scheduler['name']!r}; valid: {', '.join(SCHEDULERS)}")
+    space = SearchSpace(
+        name=str(raw.get("name") or path.stem),
+        base=base,
+        grid=grid,
+        sample=sample,
+        num_samples=int(raw.get("num_samples", 1)),
+        algorithm=algorithm,
+        metric=str(search.get("metric", "val/roc_auc")),
+        mode=str(search.get("mode", "max")),
+        scheduler=scheduler,
+        max_concurrent_trials=raw.get("max_concurrent_trials"),
+        max_failures=int(raw.get("max_failures", 1)),
+        source=str(path),
+        description=str(raw.get("description", "")),
+    )
+    probe = {key: _example_value(spec) for key, spec in sample.items()}
+    for cell in space.cells or [{}]:
         try:
-            space.trial_config(trial)
+            space.trial_config({**cell, **probe})
         except SemimedError as exc:
-            raise SemimedError(f"{path}: {exc}") from None
+            raise fail(str(exc)) from None
     return space
+
+
+def _example_value(spec: dict[str, list[Any]]) -> Any:
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        return (args[0] if isinstance(args[0], list) else args)[0]
+    return type(args[0])(args[0]) if kind == "randint" else float(args[0])
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -90,8 +190,16 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def trial_label(overrides: dict[str, Any]) -> str:
-    parts = [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()]
-    return ",".join(parts).replace("/", "_")
+    """`method.name=fixmatch, data.fraction=0.05` -> `method=fixmatch,fraction=0.05` (a folder-safe name)."""
+
+    def short(key: str) -> str:
+        parts = key.split(".")
+        return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+    pairs = [
+        f"{short(k)}={v:.3g}" if isinstance(v, float) else f"{short(k)}={v}" for k, v in overrides.items()
+    ]
+    return ",".join(pairs).replace("/", "_")
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -101,34 +209,41 @@ def resolve_storage(storage: str | None) -> str:
 
 def default_concurrency(space: SearchSpace) -> int:
     """As many trials as the cluster's CPUs (or GPUs) fit, given each trial's workers."""
-    cfg = space.trial_config(space.trials[0] if space.trials else {})
+    cfg = space.trial_config(space.cells[0] if space.cells else {})
     resources = ray.cluster_resources()
     if cfg.scaling.use_gpu:
-        per_trial = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
+        per_trial = max(1, cfg.scaling.num_workers) * cfg.scaling.gpus_per_worker
         return max(1, int(resources.get("GPU", 0) // per_trial))
     # Physical cores, not the padded logical count (init_ray pads to 4): CPU trials compete for real cores.
-    cores = min(resources.get("CPU", 1), os.cpu_count() or 1) if _is_local() else resources.get("CPU", 1)
-    return max(1, int(cores // (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)))
-
-
-def _is_local() -> bool:
-    return len(ray.nodes()) <= 1
+    # Each trial also holds TRIAL_CPU for its driver, which must fit beside its workers' CPUs.
+    cores = resources.get("CPU", 1)
+    per_trial = max(1, cfg.scaling.num_workers) * cfg.scaling.cpus_per_worker
+    driver = TRIAL_CPU if cfg.scaling.num_workers > 0 else 0.0
+    if len(ray.nodes()) <= 1:
+        return max(1, min(int(cores // (per_trial + driver)), int((os.cpu_count() or 1) // per_trial)))
+    return max(1, int(cores // (per_trial + driver)))
 
 
 def _make_trainable(space: SearchSpace, experiment_dir: str):
+    keys = list(space.grid) + list(space.sample)
+
     def semimed_trial(params: dict[str, Any]) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from semimed.train import build_trainer
 
         context = tune.get_context()
-        overrides = {k: params[k] for k in space.grid}
+        overrides = {k: params[k] for k in keys}
         cfg = space.trial_config(overrides)
         trial_name = f"{trial_label(overrides)}_{context.get_trial_id()}"
-        run_dir = Path(experiment_dir) / "runs" / trial_name if "://" not in experiment_dir else None
+        local = "://" not in experiment_dir
+        run_dir = Path(experiment_dir if local else os.environ.get("TMPDIR", "/tmp")) / "runs" / trial_name
+        if cfg.scaling.num_workers == 0:
+            _run_in_process(cfg, run_dir)
+            return
         trainer = build_trainer(
             cfg,
-            run_dir or Path(os.environ.get("TMPDIR", "/tmp")) / "semimed_runs" / trial_name,
+            run_dir,
             storage_path=f"{experiment_dir}/train",
             # Derived from the trial id, never a timestamp: a retried or restored trial finds its checkpoints.
             run_name=f"train-{context.get_trial_id()}",
@@ -140,45 +255,143 @@ def _make_trainable(space: SearchSpace, experiment_dir: str):
     return semimed_trial
 
 
-def build_tuner(space: SearchSpace, storage: str | None = None, resume: bool = False) -> tune.Tuner:
+def _run_in_process(cfg, run_dir: Path) -> None:
+    """`scaling.num_workers: 0`: the trial trains in its own process, without a Ray Train worker group.
+
+    Measured here (scripts/bench_ray.py), a 1-worker TorchTrainer costs ~10-15 s per trial to start; short CPU
+    trials (the demo, MedMNIST studies) pay that for every trial, long GPU or DDP trials do not notice it.
+    Checkpoints and resume go through Tune instead of Train.
+    """
+    import torch
+
+    from semimed.experiment import run_training
+    from semimed.train import summary_metrics
+
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(summary_metrics(metrics), checkpoint=checkpoint)
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        run_training(cfg, run_dir, report=report, show_progress=False)
+        return
+    with checkpoint.as_directory() as resume_dir:
+        run_training(cfg, run_dir, report=report, resume_from=resume_dir, show_progress=False)
+
+
+def _trial_resources(space: SearchSpace) -> dict[str, float]:
+    """What one trial reserves: a sliver for a TorchTrainer's driver, or the whole run when in-process."""
+    scaling = space.trial_config(space.cells[0] if space.cells else {}).scaling
+    if scaling.num_workers > 0:
+        return {"CPU": TRIAL_CPU}
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+
+
+def _scheduler(space: SearchSpace):
+    if space.scheduler["name"] == "fifo":
+        return None
+    options = {k: v for k, v in space.scheduler.items() if k != "name"}
+    return tune.schedulers.ASHAScheduler(metric=space.metric, mode=space.mode, **options)
+
+
+def _searcher(space: SearchSpace):
+    if space.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=space.metric, mode=space.mode)
+    if space.algorithm == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(metric=space.metric, mode=space.mode)
+    return None
+
+
+def build_tuners(space: SearchSpace, storage: str | None = None, resume: bool = False) -> list[tune.Tuner]:
+    """One Tuner for grid + random search; one per grid cell (outer grid) for Optuna/HyperOpt."""
+    # Tune pre-reserves placement groups for up to 200 *pending* trials; on a small machine those reservations
+    # take the CPUs that the running trials' Train workers need, and every worker group start times out.
+    # One staged trial is enough to keep the next trial ready.
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1")
     storage = resolve_storage(storage)
     experiment_dir = f"{storage.rstrip('/')}/{space.name}"
-    # The trial function itself only waits on its TorchTrainer: reserve a sliver of a CPU, not a whole one.
-    trainable = tune.with_resources(_make_trainable(space, experiment_dir), {"CPU": 0.5})
-    param_space = {key: tune.grid_search(values) for key, values in space.grid.items()}
-    if resume:
-        if not tune.Tuner.can_restore(experiment_dir):
-            raise SemimedError(f"{experiment_dir}: no experiment to resume")
-        # Restoring unpickles the experiment state: only do it for a path you own (the user's own storage).
-        return tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=True,
-                                  param_space=param_space)
+    trainable = tune.with_resources(_make_trainable(space, experiment_dir), _trial_resources(space))
     concurrency = space.max_concurrent_trials or default_concurrency(space)
-    return tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, num_samples=1),
-        run_config=tune.RunConfig(name=space.name, storage_path=storage,
-                                  failure_config=tune.FailureConfig(max_failures=space.max_failures)),
-    )
+    if space.algorithm == "random":
+        parts = [(space.name, storage, {key: tune.grid_search(values) for key, values in space.grid.items()})]
+    else:  # outer grid: each cell a search of its own
+        parts = [
+            (f"search-{i:03d}_{trial_label(cell)}", experiment_dir, dict(cell))
+            for i, cell in enumerate(space.cells)
+        ]
+    tuners = []
+    for name, storage_path, param_space in parts:
+        param_space = {**param_space, **space.sampled_space()}
+        path = f"{storage_path.rstrip('/')}/{name}"
+        if resume and tune.Tuner.can_restore(path):
+            # Restoring unpickles the experiment state: only for a path the user owns (their own storage).
+            tuners.append(
+                tune.Tuner.restore(
+                    path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space
+                )
+            )
+            continue
+        if resume and space.algorithm == "random":
+            raise SemimedError(f"{path}: no experiment to resume")
+        tuners.append(
+            tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=concurrency,
+                    num_samples=space.num_samples,
+                    search_alg=_searcher(space),
+                    scheduler=_scheduler(space),
+                    **(
+                        {"metric": space.metric, "mode": space.mode}
+                        if space.algorithm == "random" and space.scheduler["name"] != "fifo"
+                        else {}
+                    ),
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=storage_path,
+                    failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                ),
+            )
+        )
+    return tuners
 
 
 def describe_trials(space: SearchSpace) -> list[str]:
     """One line per trial with its resources (what `--dry-run` prints)."""
+    sampled = ", ".join(
+        f"{k}~{kind}{args}" for k, spec in space.sample.items() for kind, args in spec.items()
+    )
     lines = []
-    for i, trial in enumerate(space.trials or [{}]):
-        cfg = space.trial_config(trial)
+    for i, cell in enumerate(space.trials or [{}]):
+        cfg = space.trial_config(cell) if not space.sample else None
+        cfg = cfg or space.trial_config({**cell, **{k: _example_value(v) for k, v in space.sample.items()}})
         s = cfg.scaling
         gpus = f", {s.gpus_per_worker:g} GPU" if s.use_gpu else ""
-        lines.append(f"{i:3d}  {trial_label(trial) or '(base)'}  [{s.num_workers} worker(s) × "
-                     f"{s.cpus_per_worker:g} CPU{gpus}; {cfg.train.steps} steps; method {cfg.method.name}]")
+        extra = f"; sampled {sampled}" if sampled else ""
+        workers = f"{s.num_workers} Ray Train worker(s)" if s.num_workers else "in-process (no Train workers)"
+        lines.append(
+            f"{i:3d}  {trial_label(cell) or '(base)'}  [{workers} × {s.cpus_per_worker:g} CPU{gpus}; "
+            f"{cfg.train.steps} steps; method {cfg.method.name}{extra}]"
+        )
     return lines
 
 
-def run_sweep(space: SearchSpace, storage: str | None = None, resume: bool = False) -> Path | str:
+def run_sweep(space: SearchSpace, storage: str | None = None, resume: bool = False) -> str:
     """Run (or resume) the sweep; returns the experiment directory."""
-    tuner = build_tuner(space, storage, resume)
-    results = tuner.fit()
+    results = []
+    for tuner in build_tuners(space, storage, resume):
+        results.extend(tuner.fit())
     errors = [r for r in results if r.error]
     if errors and len(errors) == len(results):
-        raise SemimedError(f"all {len(results)} trials failed; first error: {str(errors[0].error).splitlines()[0]}")
+        raise SemimedError(
+            f"all {len(results)} trials failed; first error: {str(errors[0].error).splitlines()[0]}"
+        )
     return f"{resolve_storage(storage).rstrip('/')}/{space.name}"

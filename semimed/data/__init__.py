@@ -19,7 +19,7 @@ def load_dataset(cfg: DataConfig) -> LabeledImageSet:
     if cfg.dataset == "chestxray14":
         from semimed.data.chestxray14 import load_chestxray14
 
-        return load_chestxray14(cfg.root, view=cfg.view)
+        return load_chestxray14(cfg.root, view=cfg.view, drop_missing=cfg.drop_missing)
     if cfg.dataset == "medmnist":
         from semimed.data.medmnist import load_medmnist
 

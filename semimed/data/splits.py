@@ -11,6 +11,7 @@ whose length grows with f. Hence labeled(1%) ⊂ labeled(5%) ⊂ … for the sam
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -58,11 +59,16 @@ class Split:
             payload = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise SemimedError(f"{path}: cannot read split JSON ({exc})") from None
-        missing = [k for k in ("dataset", "task", "seed", "fraction", "train", "val", "test", "labeled", "unlabeled")
-                   if k not in payload]
+        missing = [
+            k
+            for k in ("dataset", "task", "seed", "fraction", "train", "val", "test", "labeled", "unlabeled")
+            if k not in payload
+        ]
         if missing:
             raise SemimedError(f"{path}: split JSON lacks key(s) {', '.join(missing)}")
         known = set(cls.__dataclass_fields__)
+        # Keys beyond the documented nine are optional: a hand-written split JSON may leave them out.
+        payload = {"val_policy": "full", "classes": [], **payload}
         return cls(**{k: v for k, v in payload.items() if k in known})
 
     def indices(self, dataset: LabeledImageSet) -> dict[str, np.ndarray]:
@@ -123,7 +129,7 @@ def split_patients(
         rows = {name: np.flatnonzero(official == name) for name in ("train", "val", "test")}
         if len(rows["val"]) == 0 and val_fraction > 0:
             train_patients = np.unique(patient_of_row[rows["train"]])
-            n_val = int(round(val_fraction * len(train_patients)))
+            n_val = _round_half_up(val_fraction * len(train_patients))
             val_patients = rng.permutation(train_patients)[:n_val]
             is_val = np.isin(patient_of_row[rows["train"]], val_patients)
             rows["val"], rows["train"] = rows["train"][is_val], rows["train"][~is_val]
@@ -135,15 +141,17 @@ def split_patients(
     assignment: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for stratum in np.unique(strata):
         members = rng.permutation(patients[strata == stratum])
-        n_test = min(int(round(test_fraction * len(members))), len(members) - 1)
-        n_val = min(int(round(val_fraction * (len(members) - n_test))), len(members) - n_test - 1)
+        n_test = min(_round_half_up(test_fraction * len(members)), len(members) - 1)
+        n_val = min(_round_half_up(val_fraction * (len(members) - n_test)), len(members) - n_test - 1)
         assignment["test"] += list(members[:n_test])
         assignment["val"] += list(members[n_test : n_test + n_val])
         assignment["train"] += list(members[n_test + n_val :])
     return {name: np.flatnonzero(np.isin(patient_of_row, group)) for name, group in assignment.items()}
 
 
-def labeled_priority(label_matrix: np.ndarray, multilabel: bool, rng: np.random.Generator) -> list[np.ndarray]:
+def labeled_priority(
+    label_matrix: np.ndarray, multilabel: bool, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Priority orders over the rows of `label_matrix` [N, K] (0/1, NaN unknown).
 
     Single-label: one random order per class. Multi-label: a single order that starts with one random
@@ -193,10 +201,11 @@ def labeled_subset(
         if take == 0 and len(order) > 0:
             if strict:
                 # round(f·n) >= 1  <=>  f >= 0.5 / n, so the smallest class sets the bound.
-                smallest = 0.5 / min(len(o) for o in orders if len(o) > 0)
+                # Printed rounded UP (to 4 decimals), so that the value shown is itself accepted.
+                smallest = math.ceil(0.5 / min(len(o) for o in orders if len(o) > 0) * 1e4) / 1e4
                 raise SemimedError(
                     f"label fraction {fraction} gives class {cls!r} 0 of its {len(order)} training images; "
-                    f"the smallest fraction that labels every class is {smallest:.4g}"
+                    f"the smallest fraction that labels every class is {smallest:g}"
                 )
             take = 1
         picked.append(order[:take])
@@ -243,7 +252,9 @@ def make_split(
     unlabeled = np.setdiff1d(rows["train"], labeled)
     val = rows["val"]
     if val_policy == "fraction" and len(val):
-        val = val[labeled_subset(matrix[val], fraction, val_rng, dataset.classes, dataset.multilabel, strict=False)]
+        val = val[
+            labeled_subset(matrix[val], fraction, val_rng, dataset.classes, dataset.multilabel, strict=False)
+        ]
     elif val_policy == "none":
         val = val[:0]
     paths = dataset.meta["path"].to_numpy().astype(str)
@@ -260,10 +271,13 @@ def make_split(
         labeled=paths[labeled].tolist(),
         unlabeled=paths[unlabeled].tolist(),
         classes=list(dataset.classes),
-        patients={name: int(len(np.unique(patients[idx]))) for name, idx in (("train", rows["train"]),
-                                                                             ("val", val), ("test", rows["test"]))},
-        protocol="official" if dataset.official_split is not None else
-        f"patient-disjoint random, test {test_fraction:g} / val {val_fraction:g} of patients",
+        patients={
+            name: int(len(np.unique(patients[idx])))
+            for name, idx in (("train", rows["train"]), ("val", val), ("test", rows["test"]))
+        },
+        protocol="official"
+        if dataset.official_split is not None
+        else f"patient-disjoint random, test {test_fraction:g} / val {val_fraction:g} of patients",
         warnings=notes,
     )
 
@@ -278,6 +292,12 @@ def summarize(split: Split, dataset: LabeledImageSet) -> list[dict[str, object]]
         idx = index[name]
         for k, cls in enumerate(dataset.classes):
             members = idx[matrix[idx, k]]
-            rows.append({"split": name, "class": cls, "patients": len(np.unique(patients[members])),
-                         "images": len(members)})
+            rows.append(
+                {
+                    "split": name,
+                    "class": cls,
+                    "patients": len(np.unique(patients[members])),
+                    "images": len(members),
+                }
+            )
     return rows

@@ -20,13 +20,18 @@ class ImageView(Dataset):
     each as (transform(image), target, row index)."""
 
     def __init__(self, pixels: np.ndarray, targets: torch.Tensor, indices: np.ndarray, transform) -> None:
-        self.pixels, self.targets, self.indices, self.transform = pixels, targets, np.asarray(indices), transform
+        self.pixels, self.targets, self.indices, self.transform = (
+            pixels,
+            targets,
+            np.asarray(indices),
+            transform,
+        )
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def image(self, row: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.pixels[row]))
+        return torch.from_numpy(np.array(self.pixels[row]))  # a copy: cache memmaps are read-only
 
     def __getitem__(self, position: int):
         row = int(self.indices[position])
@@ -55,8 +60,9 @@ class StepBatchSampler:
     labeled set smaller than B repeats within a batch.
     """
 
-    def __init__(self, n: int, global_batch: int, seed: int, start_step: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self, n: int, global_batch: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         if n <= 0:
             raise ValueError("cannot sample batches from an empty set")
         if global_batch % world_size:
@@ -84,14 +90,28 @@ class StepBatchSampler:
             step += 1
 
 
-def step_loader(dataset: Dataset, global_batch: int, seed: int, start_step: int, rank: int, world_size: int,
-                workers: int = 0) -> DataLoader:
+def step_loader(
+    dataset: Dataset,
+    global_batch: int,
+    seed: int,
+    start_step: int,
+    rank: int,
+    world_size: int,
+    workers: int = 0,
+) -> DataLoader:
     sampler = StepBatchSampler(len(dataset), global_batch, seed, start_step, rank, world_size)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
-def eval_loader(dataset: ImageView, batch_size: int, rank: int, world_size: int, workers: int = 0) -> DataLoader:
+def eval_loader(
+    dataset: ImageView, batch_size: int, rank: int, world_size: int, workers: int = 0
+) -> DataLoader:
     """This rank's disjoint shard (positions rank::world_size) — no padding, so no duplicates to remove."""
     shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world_size)))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers)

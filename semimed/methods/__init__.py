@@ -4,5 +4,7 @@ from semimed.methods.base import METHODS, Batch, Method, StepOutput, create_meth
 
 # Importing the modules registers them.
 from semimed.methods import supervised  # noqa: E402,F401  isort: skip
+from semimed.methods import fixmatch, gan_ssl, mean_teacher, pseudo_label  # noqa: E402,F401  isort: skip
+from semimed.methods import finetune  # noqa: E402,F401  isort: skip
 
 __all__ = ["METHODS", "Batch", "Method", "StepOutput", "create_method"]

@@ -69,7 +69,13 @@ class Method(nn.Module):
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr_scale": 1.0}]
 
     def after_optimizer_step(self, step: int) -> None:
-        """Hook for updates outside the gradient (EMA teachers)."""
+        """Hook for updates outside the engine's optimizer: EMA teachers, or a second network's own step
+        (GAN-SSL's generator keeps its optimizer in the method; nn.Module's get_extra_state/set_extra_state
+        puts that optimizer's state into the checkpoint)."""
+
+    def tensorboard_images(self) -> dict[str, torch.Tensor]:
+        """Image grids [N, C, H, W] in [0, 1] to log at each evaluation (e.g. GAN samples)."""
+        return {}
 
     def wrap_models(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Replace trained networks by `wrap(network)` (DDP). The unwrapped module stays at `.module`."""
@@ -85,8 +91,11 @@ METHODS: Registry[Method] = Registry("method")
 def create_method(name: str, model: nn.Module, num_classes: int, multilabel: bool, **params: Any) -> Method:
     """Build a method by name; unknown names or hyperparameters raise with the valid ones listed."""
     factory = METHODS.get(name)
-    accepted = [p for p in inspect.signature(factory.__init__).parameters if p not in ("self", "model",
-                                                                                          "num_classes", "multilabel")]
+    accepted = [
+        p
+        for p in inspect.signature(factory.__init__).parameters
+        if p not in ("self", "model", "num_classes", "multilabel")
+    ]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise SemimedError(

@@ -1,0 +1,154 @@
+"""images/s of `engine.fit` (method `supervised`) vs a bare PyTorch loop, same model, data and batch size.
+
+Both loops train from the same in-memory uint8 images (no augmentation: the bare loop has none), normalize on
+the device, and use the same optimizer, AMP and memory format. The engine additionally runs its data loader
+(per-sample views + collate), LR schedule, loss bookkeeping and a final checkpoint-free evaluation-free pass.
+Prints both throughputs and the ratio (goal >= 0.9). Runs without Ray, on CPU or a GPU:
+
+    python scripts/bench_engine.py --device cpu --backbone small_cnn --image-size 32 --batch-size 64
+    python scripts/bench_engine.py --device cuda --backbone resnet50 --image-size 224 --batch-size 128 \
+        --amp bf16 --channels-last --loader-workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from semimed.config import TrainConfig
+from semimed.data.augment import Normalizer, build_transform
+from semimed.data.views import ImageView
+from semimed.engine import RunData, fit
+from semimed.methods import create_method
+from semimed.models.backbones import create_backbone
+
+
+def bare_loop(model, images: torch.Tensor, labels: torch.Tensor, args, device) -> float:
+    """The reference: index a pinned uint8 tensor, copy, normalize, forward, backward, step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    normalize = Normalizer(images.shape[1])
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+
+    def step() -> None:
+        idx = torch.randint(0, len(images), (args.batch_size,), generator=generator)
+        x = normalize(images[idx].to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        y = labels[idx].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def engine_loop(model, images: torch.Tensor, labels: torch.Tensor, args, device) -> float:
+    method = create_method("supervised", model, num_classes=2, multilabel=False)
+    view = ImageView(images.numpy(), labels, np.arange(len(images)), build_transform("none", args.image_size))
+    data = RunData(
+        labeled=view,
+        unlabeled=None,
+        val=None,
+        test=None,
+        classes=["a", "b"],
+        multilabel=False,
+        targets=labels.numpy(),
+        normalize=Normalizer(images.shape[1]),
+    )
+    timings: dict[str, float] = {}
+
+    def report(metrics, _checkpoint) -> None:  # called at each `eval_every`: time the steps in between
+        _sync(device)
+        timings[metrics["step"]] = time.perf_counter()
+
+    total = args.warmup + args.steps
+    cfg = TrainConfig(
+        steps=total,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        schedule="constant",
+        amp=args.amp,
+        channels_last=args.channels_last,
+        eval_every=args.warmup,
+        checkpoint_every=total + 1,
+        loader_workers=args.loader_workers,
+        device=str(device),
+    )
+    fit(method, data, cfg, report=report, device=device, show_progress=False)
+    _sync(device)
+    end = time.perf_counter()
+    return args.steps * args.batch_size / (end - timings[args.warmup])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backbone", default="small_cnn")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--loader-workers", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="alternate bare/engine this many times")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(
+        rng.integers(0, 256, (args.images, args.channels, args.image_size, args.image_size), dtype=np.uint8)
+    )
+    labels = torch.from_numpy(rng.integers(0, 2, args.images))
+    if device.type == "cuda":
+        images, labels = images.pin_memory(), labels.pin_memory()
+        torch.backends.cudnn.benchmark = True
+
+    def fresh_model():
+        torch.manual_seed(0)
+        model = create_backbone(args.backbone, 2, args.channels, image_size=args.image_size).to(device)
+        return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+    bare, engine = [], []
+    for _ in range(args.repeats):  # interleaved, so drift (thermal, other load) hits both alike
+        bare.append(bare_loop(fresh_model(), images, labels, args, device))
+        engine.append(engine_loop(fresh_model(), images, labels, args, device))
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"device {name}; {args.backbone} {args.image_size}px batch {args.batch_size} amp {args.amp} "
+        f"channels_last {args.channels_last} loader_workers {args.loader_workers}"
+    )
+    print(
+        f"bare PyTorch loop : {np.median(bare):9.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in bare)})"
+    )
+    print(
+        f"semimed engine.fit: {np.median(engine):9.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in engine)})"
+    )
+    print(f"ratio engine/bare : {np.median(engine) / np.median(bare):.3f}")
+
+
+if __name__ == "__main__":
+    main()

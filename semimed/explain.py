@@ -1,0 +1,252 @@
+"""Grad-CAM heat maps (Selvaraju et al. 2017) for a trained run: which pixels drove a class score.
+
+The computation is the maintained `grad-cam` package (pytorch-grad-cam): the target layer's activations
+A [B, C, h, w] are weighted by the spatial mean of d(logit)/dA per channel, summed over channels, ReLU'd,
+scaled to [0, 1] per image and resized to the input. This module picks the layer, preprocesses images the way
+the run's evaluation did, and writes overlays.
+
+Target layer per backbone (the last spatial feature map before global pooling; later is more class-specific,
+coarser):
+
+| backbone                             | layer            | map side at 224 px input (at 64 px) |
+|--------------------------------------|------------------|-------------------------------------|
+| small_cnn                            | features.2.5     | 56 (16): last ReLU before the last pool |
+| resnet18_28                          | layer4           | 28 (8): stride-1 stem, no max-pool  |
+| resnet18, resnet50, seresnet50       | layer4           | 7 (2)                               |
+| densenet121                          | features.norm5   | 7 (2): CheXNet's heat-map layer     |
+| darknet53                            | stages.4         | 7 (2)                               |
+| vgg16_bn                             | features.42      | 14 (4): last ReLU before the last pool |
+| efficientnet_b0                      | bn2              | 7 (2): after conv_head              |
+| vit_small_patch16_224 (tokens → grid) | blocks.11.norm1 | 14 (4): patch grid                  |
+
+Any other timm model uses its last `feature_info` module. At 64 px the deep CNNs give 2x2 maps: Grad-CAM
+then localizes to a quadrant at best; explain at a larger image size or use a shallower layer (`layer=`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from semimed.errors import SemimedError
+
+GRADCAM_LAYERS: dict[str, str] = {
+    "small_cnn": "features.2.5",
+    "resnet18_28": "layer4",
+    "resnet18": "layer4",
+    "resnet50": "layer4",
+    "seresnet50": "layer4",
+    "densenet121": "features.norm5",
+    "darknet53": "stages.4",
+    "vgg16_bn": "features.42",
+    "efficientnet_b0": "bn2",
+    "vit_small_patch16_224": "blocks.11.norm1",
+}
+TB_IMAGES = 8  # overlays logged to TensorBoard per call: a glance, not an archive (the PNGs are that)
+
+
+def target_layer_name(model: nn.Module, backbone: str | None = None) -> str:
+    """The documented layer for `backbone`, else timm's last feature module, else the last Conv2d."""
+    if backbone in GRADCAM_LAYERS:
+        return GRADCAM_LAYERS[backbone]
+    info = getattr(model, "feature_info", None)
+    if info:
+        last = info[-1]
+        return last["module"] if isinstance(last, dict) else info.module_name()[-1]
+    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    if not convs:
+        raise SemimedError(f"Grad-CAM: {type(model).__name__} has no convolution; pass a layer name")
+    return convs[-1]
+
+
+def _vit_reshape(model: nn.Module):
+    """Tokens [B, prefix + h*w, C] -> a feature map [B, C, h, w], so Grad-CAM treats a ViT like a CNN."""
+    grid = tuple(model.patch_embed.grid_size)
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, prefix:, :]
+        return patches.reshape(tokens.shape[0], grid[0], grid[1], tokens.shape[2]).permute(0, 3, 1, 2)
+
+    return reshape
+
+
+def gradcam(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: Sequence[int] | None = None,
+    layer: str | None = None,
+    backbone: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Grad-CAM maps for normalized `images` [B, C, H, W].
+
+    Returns (cams float32 [B, H, W] in [0, 1], target class per image int [B], logits [B, K]). `targets`
+    defaults to each image's top-scoring class. The model is put in eval mode (BatchNorm running statistics).
+    """
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    name = layer or target_layer_name(model, backbone)
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise SemimedError(f"Grad-CAM layer {name!r} is not in {type(model).__name__} (see semimed/explain.py)")
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+    chosen = logits.argmax(dim=1).tolist() if targets is None else [int(t) for t in targets]
+    if any(not 0 <= t < logits.shape[1] for t in chosen):
+        raise SemimedError(f"Grad-CAM target class out of range 0..{logits.shape[1] - 1}: {chosen}")
+    reshape = _vit_reshape(model) if hasattr(model, "patch_embed") else None
+    # An input that requires grad puts the target layer in the graph even when the weights are frozen
+    # (requires_grad=False after a linear probe), so the layer's gradient hook still fires.
+    inputs = images.detach().clone().requires_grad_(True)
+    with GradCAM(model, [modules[name]], reshape_transform=reshape) as cam:
+        maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(t) for t in chosen])
+    return maps.astype(np.float32), np.asarray(chosen, dtype=np.int64), logits
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, weight: float = 0.5) -> np.ndarray:
+    """uint8 image [C, H, W] (C = 1 or 3) + cam [H, W] in [0, 1] -> uint8 RGB [H, W, 3] (jet colormap)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image
+    base = rgb.transpose(1, 2, 0).astype(np.float32) / 255.0
+    return show_cam_on_image(base, cam, use_rgb=True, image_weight=weight)
+
+
+@dataclass
+class Explanation:
+    image: str  # the input file
+    output: Path  # the overlay PNG
+    target: str  # the class the map explains
+    score: float  # its probability
+    prediction: str  # the top class
+
+
+def explain_run(
+    run_dir: str | Path,
+    images: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    target: str | None = None,
+    layer: str | None = None,
+    tensorboard: bool = True,
+) -> list[Explanation]:
+    """Grad-CAM overlays for `images` under the latest checkpoint of `run_dir`.
+
+    Images are preprocessed as the run's evaluation did (shorter side to data.image_size, centre crop, the
+    run's normalization). Writes `<out_dir or run_dir/gradcam>/<stem>_gradcam.png` (image | overlay, side by
+    side) and logs up to TB_IMAGES overlays to TensorBoard under `run_dir/tb` (tag gradcam).
+    """
+    from semimed.config import load_config
+    from semimed.data.augment import Normalizer, build_transform
+    from semimed.data.base import read_image_file
+    from semimed.data.cache import resize_center_crop
+    from semimed.data.splits import Split
+    from semimed.engine import latest_checkpoint, load_checkpoint
+    from semimed.losses import probabilities
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise SemimedError(f"{run_dir}: not a semimed run directory (no config.yaml)")
+    if not images:
+        raise SemimedError("explain: no images given (--images PATH ...)")
+    cfg = load_config(run_dir / "config.yaml")
+    classes = Split.load(run_dir / "split.json").classes
+    folder = latest_checkpoint(run_dir / "checkpoints")
+    if folder is None:
+        raise SemimedError(f"{run_dir}: no checkpoints/step_*/state.pt to explain")
+    checkpoint = load_checkpoint(folder)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["method"].items() if k.startswith("model.")}
+    model, channels, multilabel, mean, std = _rebuild(run_dir, cfg, state, len(classes))
+    size = cfg.data.image_size
+    transform, normalize = build_transform("none", size), Normalizer(channels, mean, std)
+
+    pixels = torch.stack([transform(torch.from_numpy(resize_center_crop(_read(p, channels, read_image_file), size)))
+                          for p in images])
+    target_index = None
+    if target is not None:
+        if target not in classes:
+            raise SemimedError(f"explain: --target {target!r} is not a class of this run; valid: {', '.join(classes)}")
+        target_index = [classes.index(target)] * len(images)
+    cams, chosen, logits = gradcam(model, normalize(pixels), target_index, layer, cfg.model.backbone)
+    probs = probabilities(logits, multilabel).numpy()
+
+    out = Path(out_dir) if out_dir else run_dir / "gradcam"
+    out.mkdir(parents=True, exist_ok=True)
+    results, panels = [], []
+    for i, path in enumerate(images):
+        picture = pixels[i].numpy()
+        panel = np.concatenate([overlay(picture, np.zeros_like(cams[i]), weight=1.0), overlay(picture, cams[i])], 1)
+        panels.append(panel)
+        scale = max(1, 256 // size)  # tiny inputs (28-64 px) are unreadable at their own size
+        image = Image.fromarray(panel).resize((panel.shape[1] * scale, panel.shape[0] * scale), Image.NEAREST)
+        target_name = classes[int(chosen[i])]
+        file = out / f"{Path(path).stem}_{target_name}_gradcam.png"
+        image.save(file)
+        results.append(Explanation(str(path), file, target_name, float(probs[i, chosen[i]]),
+                                   classes[int(probs[i].argmax())]))
+    if tensorboard and panels:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(run_dir / "tb")) as writer:
+            grid = torch.from_numpy(np.stack(panels[:TB_IMAGES])).permute(0, 3, 1, 2)
+            writer.add_images("gradcam", grid, int(checkpoint.get("step", 0)), dataformats="NCHW")
+    return results
+
+
+def _read(path: str | Path, channels: int, reader) -> np.ndarray:
+    if not Path(path).is_file():
+        raise SemimedError(f"{path}: image file not found")
+    return reader(Path(path), channels)
+
+
+def _rebuild(run_dir: Path, cfg, state: dict[str, torch.Tensor], num_classes: int):
+    """(model with the checkpoint's weights, input channels, multilabel, mean, std) for the run."""
+    from semimed.models.backbones import (
+        BACKBONE_FILE,
+        first_conv_key,
+        checkpoint_normalization,
+        create_backbone,
+        read_backbone_metadata,
+    )
+
+    def build(in_chans: int) -> nn.Module:
+        return create_backbone(cfg.model.backbone, num_classes, in_chans, drop_rate=cfg.model.drop_rate,
+                               image_size=cfg.data.image_size)
+
+    model = build(3)
+    first = state.get(first_conv_key(model))
+    channels = int(first.shape[1]) if first is not None and first.ndim == 4 else 3
+    if channels != 3:
+        model = build(channels)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SemimedError(f"{run_dir}: checkpoint does not fit backbone {cfg.model.backbone!r} "
+                           f"({str(exc).splitlines()[0]})") from None
+    exported = run_dir / BACKBONE_FILE
+    meta = read_backbone_metadata(exported) if exported.is_file() else {}
+    if "mean" in meta:
+        import json
+
+        mean, std = json.loads(meta["mean"]), json.loads(meta["std"])
+    elif cfg.model.pretrained_checkpoint:
+        mean, std = checkpoint_normalization(cfg.model.pretrained_checkpoint, model)
+    elif cfg.model.pretrained:
+        mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
+    else:
+        mean, std = None, None  # trained from scratch: the 0.5/0.5 default
+    multilabel = meta.get("multilabel") == "true" if "multilabel" in meta else _dataset_multilabel(cfg)
+    return model, channels, multilabel, mean, std
+
+
+def _dataset_multilabel(cfg) -> bool:
+    from semimed.data import load_dataset
+
+    return bool(load_dataset(cfg.data).multilabel)

@@ -1,0 +1,153 @@
+"""Mechanics the semi-supervised methods share, written once (USB's lesson, without its god-object):
+
+- ramp-ups of the unlabeled-loss weight (`linear_rampup`, `sigmoid_rampup`);
+- the EMA teacher (`ema_decay`, `ema_update_`);
+- confidence masks over predictions, single- and multi-label (`confidence_targets`), the masked pseudo-label
+  loss (`pseudo_label_loss`) and what every SSL method logs about them (`pseudo_label_logs`).
+
+Shapes: probabilities / logits [N, K]; single-label targets int64 [N] with a mask [N]; multi-label targets
+float [N, K] (0/1) with a mask [N, K]. Masks are float (1 = used, 0 = ignored).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semimed.errors import SemimedError
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The network inside a DDP wrapper (DDP keeps it at `.module`), or the network itself."""
+    return getattr(module, "module", module)
+
+
+# ---------------------------------------------------------------------------------------------------- ramp-ups
+
+
+def linear_rampup(step: int, length: int) -> float:
+    """0 at step 0 rising linearly to 1 at `length` (Lee 2013's alpha(t) with T1 = 0, T2 = length).
+
+    length <= 0 means no ramp: 1.0 from the first step.
+    """
+    if length <= 0:
+        return 1.0
+    return min(1.0, max(0.0, step / length))
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """exp(-5 (1 - t)^2) with t = step / length clipped to [0, 1] (Laine & Aila 2017; Tarvainen & Valpola 2017).
+
+    Starts at exp(-5) = 0.0067, not 0, and reaches 1 at `length`. length <= 0 means no ramp.
+    """
+    if length <= 0:
+        return 1.0
+    t = min(1.0, max(0.0, step / length))
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+# ------------------------------------------------------------------------------------------------ EMA teacher
+
+
+def ema_decay(updates: int, max_decay: float) -> float:
+    """Mean Teacher's decay after `updates` optimizer steps: min(1 - 1/(updates + 1), max_decay).
+
+    Early on this makes the teacher the plain average of all students so far (1/2 after the first update,
+    2/3 after the second, ...) instead of a copy dominated by the random initialisation.
+    """
+    return min(1.0 - 1.0 / (updates + 1), max_decay)
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """In place: teacher = decay · teacher + (1 − decay) · student, for parameters and float buffers
+    (BatchNorm running statistics, so the teacher's eval-mode normalisation follows its own weights);
+    integer buffers (`num_batches_tracked`) are copied. `student` must be the unwrapped network."""
+    teacher_params, student_params = dict(teacher.named_parameters()), dict(student.named_parameters())
+    teacher_buffers, student_buffers = dict(teacher.named_buffers()), dict(student.named_buffers())
+    if teacher_params.keys() != student_params.keys() or teacher_buffers.keys() != student_buffers.keys():
+        raise SemimedError("EMA teacher and student have different architectures (a DDP-wrapped student?)")
+    for name, value in teacher_params.items():
+        value.lerp_(student_params[name].detach(), 1.0 - decay)  # t + (1-d)(s - t) = d t + (1-d) s
+    for name, value in teacher_buffers.items():
+        if value.is_floating_point():
+            value.lerp_(student_buffers[name], 1.0 - decay)
+        else:
+            value.copy_(student_buffers[name])
+
+
+# ------------------------------------------------------------------------------------------ confidence masks
+
+
+def threshold_tensor(value: float | Sequence[float], num_classes: int, multilabel: bool, name: str) -> torch.Tensor:
+    """A threshold as a float tensor: scalar [] or, for multi-label targets only, one per finding [K].
+
+    Raises with the parameter's name when a value is outside [0, 1] or a list has the wrong length.
+    """
+    if isinstance(value, (list, tuple)):
+        if not multilabel:
+            raise SemimedError(f"{name}: one threshold per class is only for multi-label targets; give one number")
+        if len(value) != num_classes:
+            raise SemimedError(f"{name}: {len(value)} thresholds for {num_classes} findings")
+    tensor = torch.as_tensor(value, dtype=torch.float32)
+    if tensor.ndim > 1 or not bool(((tensor >= 0) & (tensor <= 1)).all()):
+        raise SemimedError(f"{name}: {value!r} must be a number (or, multi-label, a list of numbers) in [0, 1]")
+    return tensor
+
+
+def confidence_targets(
+    probs: torch.Tensor, multilabel: bool, threshold: torch.Tensor, negative_threshold: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard pseudo-labels and the mask of the confident ones, from detached probabilities [N, K].
+
+    Single-label (FixMatch, Pseudo-Label): target = argmax_k p_k, used where max_k p_k >= threshold;
+    returns (int64 [N], float [N]).
+    Multi-label: each finding is a binary decision. Entry (i, k) is a confident positive (target 1) where
+    p_ik >= threshold[k], otherwise a confident negative (target 0) where p_ik <= negative_threshold[k], and
+    ignored in between; returns (float [N, K], float [N, K]). negative_threshold defaults to 1 - threshold.
+    """
+    probs = probs.detach().float()
+    threshold = threshold.to(probs.device)
+    if not multilabel:
+        confidence, targets = probs.max(dim=1)
+        return targets, (confidence >= threshold).float()
+    negative = (1.0 - threshold) if negative_threshold is None else negative_threshold.to(probs.device)
+    positive = probs >= threshold
+    confident_negative = (probs <= negative) & ~positive
+    return positive.float(), (positive | confident_negative).float()
+
+
+def pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Cross-entropy (single-label) or BCE (multi-label) to hard pseudo-labels, masked, averaged over ALL
+    unlabeled entries — FixMatch's 1/(μB) normalisation, so the term grows with the share of confident ones.
+
+    logits [N, K]; targets int64 [N] / float [N, K]; mask float [N] / [N, K]. Zero (with a gradient path) when
+    the mask is empty.
+    """
+    if multilabel:
+        per_entry = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    else:
+        per_entry = F.cross_entropy(logits.float(), targets.long(), reduction="none")
+    return (per_entry * mask).mean()
+
+
+def pseudo_label_logs(
+    targets: torch.Tensor, mask: torch.Tensor, true: torch.Tensor | None, multilabel: bool
+) -> dict[str, torch.Tensor]:
+    """mask_rate (share of unlabeled targets used) and pseudo_acc (accuracy of the used pseudo-labels against
+    the hidden labels; multi-label: over used entries whose truth is known). pseudo_acc is NaN when no target
+    is used (0/0) — the engine's log average skips NaN. `true` is only ever read here, never trained on."""
+    logs = {"mask_rate": mask.detach().float().mean()}
+    if true is not None:
+        if multilabel:
+            used = mask * (~torch.isnan(true)).float()
+            correct = (targets == torch.nan_to_num(true.float())).float()
+        else:
+            used = mask
+            correct = (targets == true.long()).float()
+        logs["pseudo_acc"] = ((correct * used).sum() / used.sum()).detach()
+    return logs

@@ -1,0 +1,79 @@
+"""Pseudo-Label (Lee 2013, "Pseudo-Label: The Simple and Efficient Semi-Supervised Learning Method for Deep
+Neural Networks"), in the thresholded form of Oliver et al. 2018 and USB: the network's own confident
+predictions on unlabeled images become hard targets for those same images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from semimed.errors import SemimedError
+from semimed.losses import probabilities, supervised_loss
+from semimed.methods.base import METHODS, Batch, Method, StepOutput
+from semimed.methods.common import (
+    confidence_targets,
+    linear_rampup,
+    pseudo_label_logs,
+    pseudo_label_loss,
+    threshold_tensor,
+)
+
+
+@METHODS.register("pseudo_label")
+class PseudoLabel(Method):
+    """loss = L_sup(x, y) + λ_u · ramp(step) · L_pl(u), one forward over [x; u_weak] (shared BatchNorm batch).
+
+    Single-label: the pseudo-label of u is argmax_k p_k(u) of the current (detached) prediction, kept where
+    max_k p_k(u) >= `threshold`; L_pl is cross-entropy to it, averaged over all μB unlabeled images.
+    Multi-label (NaN = unknown labels): each finding k is its own binary problem on the sigmoid p_k(u): a
+    confident positive where p_k >= threshold[k] (target 1), a confident negative where
+    p_k <= negative_threshold[k] (target 0), ignored in between; L_pl is BCE over the confident entries,
+    averaged over all μB·K entries. Both thresholds may be one number or one per finding.
+    ramp: Lee's α(t), linear from 0 at step 0 to 1 at `rampup_steps`, so early, mostly wrong predictions
+    barely count.
+
+    Shapes: batch.x [B, C, H, W], batch.y [B] or [B, K]; batch.u_weak [μB, C, H, W]; logits [(1+μ)B, K].
+    Logs: sup_loss, unsup_loss, mask_rate, pseudo_acc (vs the hidden labels; never trained on), unsup_weight.
+    """
+
+    uses_unlabeled = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        multilabel: bool,
+        threshold: float | Sequence[float] = 0.95,
+        negative_threshold: float | Sequence[float] | None = None,
+        lambda_u: float = 1.0,
+        rampup_steps: int = 200,
+    ) -> None:
+        super().__init__(model, num_classes, multilabel)
+        if negative_threshold is not None and not multilabel:
+            raise SemimedError("pseudo_label: negative_threshold is only for multi-label targets")
+        if lambda_u < 0 or rampup_steps < 0:
+            raise SemimedError(f"pseudo_label: lambda_u={lambda_u} and rampup_steps={rampup_steps} must be >= 0")
+        # Buffers, not plain tensors, so they follow the method to its device; not persistent: they are
+        # hyperparameters (in config.yaml), not learned state.
+        self.register_buffer("threshold", threshold_tensor(threshold, num_classes, multilabel, "threshold"),
+                             persistent=False)
+        negative = None if negative_threshold is None else threshold_tensor(
+            negative_threshold, num_classes, multilabel, "negative_threshold")
+        self.register_buffer("negative_threshold", negative, persistent=False)
+        self.lambda_u = float(lambda_u)
+        self.rampup_steps = int(rampup_steps)
+
+    def train_step(self, batch: Batch, step: int) -> StepOutput:
+        n = len(batch.x)
+        logits = self.model(torch.cat([batch.x, batch.u_weak]))
+        logits_x, logits_u = logits[:n], logits[n:]
+        sup = supervised_loss(logits_x, batch.y, self.multilabel)
+        targets, mask = confidence_targets(probabilities(logits_u.detach(), self.multilabel), self.multilabel,
+                                           self.threshold, self.negative_threshold)
+        unsup = pseudo_label_loss(logits_u, targets, mask, self.multilabel)
+        weight = self.lambda_u * linear_rampup(step, self.rampup_steps)
+        logs = {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "unsup_weight": weight,
+                **pseudo_label_logs(targets, mask, batch.u_true, self.multilabel)}
+        return StepOutput(sup + weight * unsup, logs)

@@ -1,0 +1,189 @@
+"""Ray Train / Ray Tune integration on a private local Ray (loopback, 4 logical CPUs on 2 cores).
+
+Each test asserts values: the files a sweep leaves, identical splits and metrics across 1 and 2 DDP workers,
+a killed worker that resumes from its checkpoint, and a killed sweep driver whose resume does not re-run
+finished trials. They take about a minute each on a 2-core machine, so they are few.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.ray
+
+FAST = ["data.image_size=24", "model.backbone=small_cnn", "train.batch_size=16", "train.lr=0.003"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    import ray
+
+    from semimed.train import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()
+
+
+def _config(demo_roots, run_name: str, out: Path, *extra: str):
+    from semimed.config import load_config
+
+    return load_config(
+        None, [f"data.root={demo_roots['breakhis']}", f"name={run_name}", f"output_dir={out}", *FAST, *extra]
+    )
+
+
+def _space(tmp_path: Path, demo_roots, name: str, grid: dict, steps: int = 30, **top) -> Path:
+    space = {
+        "name": name,
+        "base": {
+            "data": {"dataset": "breakhis", "root": str(demo_roots["breakhis"]), "image_size": 24},
+            "model": {"backbone": "small_cnn"},
+            "train": {"steps": steps, "batch_size": 16, "eval_every": 10, "checkpoint_every": 10},
+        },
+        "grid": grid,
+        "max_concurrent_trials": 1,
+        **top,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def test_sweep_writes_runs_report_and_tensorboard(local_ray, demo_roots, tmp_path):
+    from semimed.report import write_report
+    from semimed.tune import load_search_space, run_sweep
+
+    space = load_search_space(
+        _space(tmp_path, demo_roots, "tiny", {"data.fraction": [0.1, 1.0], "seed": [0]})
+    )
+    experiment = Path(run_sweep(space, str(tmp_path / "results")))
+    assert experiment == tmp_path / "results" / "tiny"
+    runs = sorted(experiment.glob("runs/*/metrics.json"))
+    assert len(runs) == 2
+    for metrics_path in runs:
+        metrics = json.loads(metrics_path.read_text())
+        assert metrics["step"] == 30
+        assert 0.0 <= metrics["test/balanced_accuracy"] <= 1.0
+        split = json.loads(metrics_path.with_name("split.json").read_text())
+        cfg = yaml.safe_load(metrics_path.with_name("config.yaml").read_text())
+        assert split["fraction"] == cfg["data"]["fraction"]
+        assert list(metrics_path.parent.glob("tb/events.out.tfevents.*")), "engine TensorBoard curves missing"
+    assert list(experiment.rglob("events.out.tfevents.*"))
+    summary, text = write_report(experiment)
+    assert set(summary["label_fraction"]) == {0.1, 1.0}
+    assert (experiment / "report.csv").is_file() and (experiment / "report.png").stat().st_size > 0
+    assert "balanced_accuracy" in text
+
+
+def test_two_workers_same_split_and_same_eval_as_one(local_ray, demo_roots, tmp_path):
+    """The labeled subset does not depend on the worker count, and 2-rank evaluation (sharded, gathered,
+    de-duplicated) of one checkpoint gives the 1-rank metrics."""
+    from semimed.train import train_once
+
+    one = _config(demo_roots, "one", tmp_path, "train.steps=30", "train.eval_every=10", "data.fraction=0.2")
+    one_metrics = train_once(one)
+    assert one_metrics["step"] == 30
+    two = _config(
+        demo_roots,
+        "two",
+        tmp_path,
+        "train.steps=30",
+        "train.eval_every=10",
+        "data.fraction=0.2",
+        "scaling.num_workers=2",
+    )
+    # Start the 2-worker run from the 1-worker run's final checkpoint: it trains 0 more steps and evaluates.
+    shutil.copytree(tmp_path / "one" / "checkpoints", tmp_path / "two" / "checkpoints")
+    two_metrics = train_once(two)
+    assert two_metrics["resumed_from_step"] == 30
+    assert (tmp_path / "one" / "split.json").read_bytes() == (tmp_path / "two" / "split.json").read_bytes()
+    for key in ("test_last/accuracy", "test_last/roc_auc", "test_last/balanced_accuracy"):
+        assert two_metrics[key] == pytest.approx(one_metrics[key], abs=1e-6), key
+
+    # And DDP training itself: 2 gloo ranks, each half of the global batch, a finite result.
+    ddp = _config(
+        demo_roots, "ddp", tmp_path, "train.steps=12", "train.eval_every=6", "scaling.num_workers=2"
+    )
+    ddp_metrics = train_once(ddp)
+    assert ddp_metrics["step"] == 12 and 0.0 <= ddp_metrics["test/accuracy"] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "ddp" / "workers").iterdir()) == ["rank0.pid", "rank1.pid"]
+
+
+def test_killed_worker_resumes_from_its_checkpoint(local_ray, demo_roots, tmp_path):
+    from semimed.train import train_once
+
+    cfg = _config(
+        demo_roots,
+        "ft",
+        tmp_path,
+        "train.steps=400",
+        "train.eval_every=25",
+        "train.checkpoint_every=25",
+        "scaling.max_failures=2",
+    )
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train_once(cfg)))
+    thread.start()
+    run_dir = tmp_path / "ft"
+    deadline = time.monotonic() + 180
+    while not list((run_dir / "checkpoints").glob("step_0000050")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int((run_dir / "workers" / "rank0.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    assert result["step"] == 400
+    # The restarted worker continued from a checkpoint (>= 50), not from step 0.
+    assert result["resumed_from_step"] >= 50
+    assert int((run_dir / "workers" / "rank0.pid").read_text()) != pid
+    assert 0.0 <= result["test/accuracy"] <= 1.0
+
+
+def test_sweep_resume_after_driver_sigkill(demo_roots, tmp_path):
+    """SIGKILL the `semimed sweep` driver after the first trial; `--resume` finishes the others only."""
+    space = _space(tmp_path, demo_roots, "resumable", {"data.fraction": [0.5], "seed": [0, 1, 2]}, steps=60)
+    storage = tmp_path / "results"
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "semimed.cli", "sweep", str(space), "--storage", str(storage)]
+    runs = storage / "resumable" / "runs"
+    driver = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while not list(runs.glob("*/metrics.json")) and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    finished = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/metrics.json")}
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    assert 1 <= len(finished) < 3
+    time.sleep(2)
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    done = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/metrics.json")}
+    assert len(done) == 3 and len(list(runs.iterdir())) == 3, sorted(done)  # one folder per trial, no reruns
+    for name, before in finished.items():
+        after = done[name]
+        # A trial that Tune had recorded as finished is not run again; one that finished its training just
+        # before the kill (not yet recorded) resumes from its final checkpoint: no step is trained twice, and
+        # its metrics are the same.
+        assert after["resumed_from_step"] in (0, 60) and after["step"] == 60
+        if after["resumed_from_step"] == 60:
+            assert after["test/accuracy"] == pytest.approx(before["test/accuracy"])
+            assert after["test/roc_auc"] == pytest.approx(before["test/roc_auc"])
+        else:
+            assert after == before
