@@ -225,6 +225,27 @@ def predict_scores(
     return local_rows[order], local_scores[order]
 
 
+def _resume_state(resume_from: str | Path | None, run_dir: Path | None, world: int) -> dict[str, Any] | None:
+    """The checkpoint to resume from: the newer of the one handed in (Ray's) and the run folder's own.
+
+    Ray persists a reported checkpoint asynchronously; a run killed right after its last report can come back
+    with an older checkpoint from Ray than the one already in its folder, and should not train those steps
+    twice. With several ranks the local folder is used only if every rank sees the same newest step there
+    (on several nodes each has its own disk; then Ray's checkpoint is the common ground).
+    """
+    given = load_checkpoint(resume_from) if resume_from else None
+    local = latest_checkpoint(run_dir / "checkpoints") if run_dir is not None else None
+    local_step = int(local.name.removeprefix("step_")) if local is not None else -1
+    if world > 1:
+        steps: list[Any] = [None] * world
+        dist.all_gather_object(steps, local_step)
+        if len(set(steps)) != 1:
+            local_step = -1
+    if local_step > (int(given["step"]) if given is not None else -1):
+        return load_checkpoint(local)
+    return given
+
+
 def fit(
     method: Method,
     data: RunData,
@@ -254,9 +275,8 @@ def fit(
         raise SemimedError(f"method {type(method).__name__} needs unlabeled images, but the split has none")
 
     start_step, best, state = 0, {"score": -math.inf, "step": -1, "state": None, "thresholds": None}, None
-    resume_from = resume_from or (latest_checkpoint(run_dir / "checkpoints") if run_dir else None)
-    if resume_from:
-        state = load_checkpoint(resume_from)
+    state = _resume_state(resume_from, run_dir, world)
+    if state is not None:
         method.load_state_dict(state["method"])
         start_step = int(state["step"])
         best = state["best"]

@@ -29,6 +29,23 @@ from semimed.methods import create_method
 from semimed.models.backbones import BACKBONE_FILE, create_backbone, save_backbone, unwrap_model
 
 
+def check_config(cfg: Config) -> None:
+    """What can be checked without data: names of the dataset, method (and its parameters) and backbone.
+    Sweeps call it for every trial at load time, so a typo fails before anything runs."""
+    import timm
+
+    from semimed.data import DATASETS
+    from semimed.methods import check_method
+    from semimed.models.backbones import LOCAL_BACKBONES, backbone_names
+
+    if cfg.data.dataset not in DATASETS:
+        raise SemimedError(f"unknown data.dataset {cfg.data.dataset!r}; valid: {', '.join(DATASETS)}")
+    check_method(cfg.method.name, cfg.method.params)
+    if cfg.model.backbone not in LOCAL_BACKBONES and not timm.is_model(cfg.model.backbone):
+        raise SemimedError(f"unknown model.backbone {cfg.model.backbone!r}; valid: {', '.join(backbone_names())} "
+                           "(or any timm.list_models() name)")
+
+
 def load_split(cfg: Config, dataset) -> Split:
     if cfg.data.split_file:
         split = Split.load(cfg.data.split_file)
@@ -50,6 +67,7 @@ def load_split(cfg: Config, dataset) -> Split:
 
 def build_run(cfg: Config) -> tuple[Any, RunData, Split]:
     """Dataset, split and views for `cfg`, plus the method (returned first)."""
+    check_config(cfg)  # names first: a typo should not wait for the data to load
     dataset = load_dataset(cfg.data)
     split = load_split(cfg, dataset)
     index = split.indices(dataset)

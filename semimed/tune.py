@@ -163,9 +163,11 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None) -> S
         description=str(raw.get("description", "")),
     )
     probe = {key: _example_value(spec) for key, spec in sample.items()}
+    from semimed.experiment import check_config
+
     for cell in space.cells or [{}]:
         try:
-            space.trial_config({**cell, **probe})
+            check_config(space.trial_config({**cell, **probe}))
         except SemimedError as exc:
             raise fail(str(exc)) from None
     return space

@@ -41,6 +41,16 @@ IMAGENET_PARAMS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two shared cores: a second intra-op thread spin-waits against the other processes on the machine (a
+    # 40-step small_cnn run took 50 s with 2 threads under load, 1.3 s with one). These models gain nothing from it.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_cnn_params(in_chans: int, classes: int, width: int = 32) -> int:
     """Convs have no bias (BatchNorm follows); each BatchNorm has 2 affine parameters per channel."""
     total, cin = 0, in_chans

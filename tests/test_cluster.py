@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -42,15 +45,21 @@ def cluster(tmp_path):
     base.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     authed = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     gcs, dashboard = free_port(), free_port()
+    # Each node its own short temp dir (Unix socket paths are limited to ~107 bytes): two nodes on one machine
+    # sharing one would also share the job's unpacked working_dir, which one node may garbage-collect while the
+    # job on the other still runs in it.
+    head_tmp, worker_tmp = (Path(tempfile.mkdtemp(prefix=p, dir="/tmp")) for p in ("rh", "rw"))
     head = ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                    f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
-                   "--disable-usage-stats", env=authed)
+                   f"--temp-dir={head_tmp}", "--disable-usage-stats", env=authed)
     try:
         assert head.returncode == 0, head.stderr[-2000:]
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}", "token": token,
-               "authed": authed, "anonymous": base, "tmp": tmp_path}
+               "authed": authed, "anonymous": base, "tmp": tmp_path, "worker_tmp": worker_tmp}
     finally:
         ray_cli("stop", "--force", env=authed, timeout=60)
+        for folder in (head_tmp, worker_tmp):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_token_cluster_refuses_strangers_and_runs_a_submitted_sweep(cluster, demo_roots, tmp_path):
@@ -61,9 +70,14 @@ def test_token_cluster_refuses_strangers_and_runs_a_submitted_sweep(cluster, dem
     assert "auth" in (stranger.stdout + stranger.stderr).lower()
     # The second node, with the token, joins: a 2-node cluster on one machine.
     worker = ray_cli("start", f"--address={cluster['gcs']}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                     "--disable-usage-stats", env=cluster["authed"])
+                     f"--temp-dir={cluster['worker_tmp']}", "--disable-usage-stats", env=cluster["authed"])
     assert worker.returncode == 0, worker.stderr[-2000:]
-    status = ray_cli("status", f"--address={cluster['gcs']}", env=cluster["authed"])
+    deadline = time.monotonic() + 60
+    while True:  # the new raylet registers with the GCS a few seconds after `ray start` returns
+        status = ray_cli("status", f"--address={cluster['gcs']}", env=cluster["authed"])
+        if status.stdout.count("node_") >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert status.stdout.count("node_") >= 2, status.stdout
 
     project = tmp_path / "project"  # what the job uploads: just the search space

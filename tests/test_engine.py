@@ -475,7 +475,7 @@ def test_fit_refuses_an_unsafe_checkpoint_to_resume_from(make_single_label_set, 
         ("method.name=fixmatchh", r"unknown method 'fixmatchh'; valid: .*\bsupervised\b"),
         (
             "model.backbone=resnet_nope",
-            r"unknown backbone 'resnet_nope'; valid: .*\bsmall_cnn\b.*\bresnet18\b",
+            r"unknown model.backbone 'resnet_nope'; valid: .*\bsmall_cnn\b.*\bresnet18\b",
         ),
         ("method.params.threshold=0.9", r"unknown parameter\(s\) threshold for method 'supervised'"),
         ("train.optimizer=lion", r"unknown train.optimizer 'lion'; valid: adam, adamw, sgd"),

@@ -21,6 +21,16 @@ TRUNK = "features.1.3.weight"  # a conv in the middle of small_cnn
 BN = "features.1.1"  # a BatchNorm of small_cnn's trunk
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two shared cores: a second intra-op thread spin-waits against the other processes on the machine (a
+    # 40-step small_cnn run took 50 s with 2 threads under load, 1.3 s with one). These models gain nothing from it.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make(strategy: str, **params) -> nn.Module:
     torch.manual_seed(0)
     model = create_backbone("small_cnn", num_classes=3, in_chans=1)

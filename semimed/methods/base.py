@@ -88,8 +88,8 @@ class Method(nn.Module):
 METHODS: Registry[Method] = Registry("method")
 
 
-def create_method(name: str, model: nn.Module, num_classes: int, multilabel: bool, **params: Any) -> Method:
-    """Build a method by name; unknown names or hyperparameters raise with the valid ones listed."""
+def check_method(name: str, params: dict[str, Any]) -> None:
+    """Raise if `name` is no method or `params` holds a keyword its __init__ does not take (cheap: no model)."""
     factory = METHODS.get(name)
     accepted = [
         p
@@ -101,4 +101,9 @@ def create_method(name: str, model: nn.Module, num_classes: int, multilabel: boo
         raise SemimedError(
             f"unknown parameter(s) {', '.join(unknown)} for method {name!r}; valid: {', '.join(accepted) or 'none'}"
         )
-    return factory(model=model, num_classes=num_classes, multilabel=multilabel, **params)
+
+
+def create_method(name: str, model: nn.Module, num_classes: int, multilabel: bool, **params: Any) -> Method:
+    """Build a method by name; unknown names or hyperparameters raise with the valid ones listed."""
+    check_method(name, params)
+    return METHODS.get(name)(model=model, num_classes=num_classes, multilabel=multilabel, **params)

@@ -1,0 +1,150 @@
+"""Search-space YAML: validation with clear errors, grid expansion, sampled hyperparameters, resources and
+`semimed sweep --dry-run` (no Ray runtime needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semimed.cli import main
+from semimed.errors import SemimedError
+from semimed.tune import describe_trials, load_search_space, trial_label
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, values: dict) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+BASE = {"data": {"dataset": "breakhis", "root": "/data/breakhis"}, "train": {"steps": 10}}
+
+
+def test_grid_expands_to_the_full_factorial_and_resources_map_to_scaling(tmp_path):
+    space = load_search_space(
+        write(
+            tmp_path,
+            {
+                "name": "s",
+                "base": BASE,
+                "grid": {
+                    "method.name": ["supervised", "fixmatch"],
+                    "data.fraction": [0.05, 0.1, 1.0],
+                    "seed": [0, 1, 2],
+                },
+                "trial_resources": {
+                    "num_workers": 2,
+                    "use_gpu": True,
+                    "gpus_per_worker": 0.25,
+                    "cpus_per_worker": 2,
+                },
+            },
+        )
+    )
+    assert len(space.trials) == 18
+    assert {(t["method.name"], t["data.fraction"], t["seed"]) for t in space.trials} == {
+        (m, f, s) for m in ("supervised", "fixmatch") for f in (0.05, 0.1, 1.0) for s in (0, 1, 2)
+    }
+    cfg = space.trial_config(space.trials[5])
+    assert (cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.scaling.gpus_per_worker) == (2, True, 0.25)
+    line = describe_trials(space)[0]
+    assert "2 Ray Train worker(s) × 2 CPU, 0.25 GPU" in line and "10 steps" in line
+    assert trial_label({"method.name": "fixmatch", "data.fraction": 0.05}) == "method=fixmatch,fraction=0.05"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"name": "s", "base": BASE, "grid": {"seed": [0]}, "gird": {}}, r"unknown key\(s\) gird"),
+        (
+            {"name": "s", "base": BASE, "grid": {"train.stesp": [1, 2]}},
+            r"unknown config key 'train.stesp'.*'steps'",
+        ),
+        (
+            {"name": "s", "base": BASE, "grid": {"seed": 0}},
+            "'grid' must map dotted config keys to non-empty lists",
+        ),
+        (
+            {"name": "s", "base": BASE, "grid": {"seed": [0]}, "sample": {"train.lr": {"logunif": [1, 2]}}},
+            r"sample.train.lr must be one of",
+        ),
+        (
+            {"name": "s", "base": BASE, "grid": {"seed": [0]}, "search": {"algorithm": "bayes"}},
+            "unknown search.algorithm 'bayes'; valid: random, optuna, hyperopt",
+        ),
+        (
+            {"name": "s", "base": BASE, "grid": {"seed": [0]}, "scheduler": {"name": "pbt"}},
+            "unknown scheduler.name 'pbt'; valid: fifo, asha",
+        ),
+        (
+            {"name": "s", "base": BASE, "grid": {"seed": [0]}, "trial_resources": {"gpus": 1}},
+            r"unknown trial_resources key\(s\) gpus",
+        ),
+        (
+            {
+                "name": "s",
+                "base": {**BASE, "method": {"name": "fixmatch"}},
+                "grid": {"method.name": ["supervised", "fixmach"]},
+            },
+            "unknown method 'fixmach'",
+        ),
+    ],
+)
+def test_typos_fail_at_load_naming_the_file_and_key(tmp_path, values, message):
+    with pytest.raises(SemimedError, match=message) as info:
+        load_search_space(write(tmp_path, values))
+    assert str(tmp_path / "space.yaml") in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_sampled_hyperparameters_and_outer_grid(tmp_path):
+    space = load_search_space(
+        write(
+            tmp_path,
+            {
+                "name": "s",
+                "base": BASE,
+                "grid": {"data.fraction": [0.1, 1.0]},
+                "sample": {
+                    "train.lr": {"loguniform": [1e-4, 1e-2]},
+                    "train.batch_size": {"choice": [[16, 32]]},
+                },
+                "num_samples": 3,
+                "search": {"algorithm": "optuna", "metric": "val/roc_auc", "mode": "max"},
+            },
+        )
+    )
+    assert len(space.cells) == 2 and len(space.trials) == 6
+    sampled = space.sampled_space()
+    assert set(sampled) == {"train.lr", "train.batch_size"}
+    assert sampled["train.batch_size"].categories == [16, 32]
+    assert (sampled["train.lr"].lower, sampled["train.lr"].upper) == (1e-4, 1e-2)
+    assert "train.lr~loguniform[0.0001, 0.01]" in describe_trials(space)[0]
+
+
+def test_every_shipped_search_space_loads():
+    for path in sorted((REPO / "search_spaces").glob("*.yaml")):
+        space = load_search_space(path)
+        assert space.trials, path
+
+
+def test_cli_dry_run_prints_trials_and_resources(tmp_path, capsys):
+    path = write(
+        tmp_path, {"name": "dry", "base": BASE, "grid": {"data.fraction": [0.1, 0.5], "seed": [0, 1]}}
+    )
+    assert main(["sweep", str(path), "--dry-run", "--storage", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    assert f"4 trial(s) of dry -> {tmp_path / 'results' / 'dry'}" in out
+    assert out.count("1 Ray Train worker(s) × 1 CPU") == 4
+    assert not (tmp_path / "results").exists()  # a dry run writes nothing
+
+
+def test_cli_sweep_with_a_typo_exits_2_with_one_line(tmp_path, capsys):
+    path = write(tmp_path, {"name": "t", "base": {**BASE, "trian": {}}, "grid": {"seed": [0]}})
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("semimed: error: ") and "unknown config key 'trian'" in err and "\n" not in err
