@@ -64,7 +64,7 @@ def main() -> None:
             space = load_search_space(space_file(f"single{workers}", {"seed": [0]}, args.steps, workers, 1))
             wall = timed(lambda space=space: run_sweep(space, str(work / "results")))
             rows.append((label, wall))
-            rows.append((f"  overhead vs no Ray (s) / ratio", f"{wall - direct:.1f} s / {wall / direct:.3f}x"))
+            rows.append(("  overhead vs no Ray (s) / ratio", f"{wall - direct:.1f} s / {wall / direct:.3f}x"))
     for workers in (1, 0):
         walls = []
         for concurrency in (1, 2):
@@ -74,7 +74,7 @@ def main() -> None:
         kind = "TorchTrainer" if workers else "in-process"
         rows.append((f"4-trial sweep ({kind}), 1 at a time", walls[0]))
         rows.append((f"4-trial sweep ({kind}), 2 at a time", walls[1]))
-        rows.append((f"  speed-up of 2 at a time", f"{walls[0] / walls[1]:.2f}x"))
+        rows.append(("  speed-up of 2 at a time", f"{walls[0] / walls[1]:.2f}x"))
     print("\n| measurement | value |\n|---|---|")
     for label, value in rows:
         print(f"| {label} | {value if isinstance(value, str) else f'{value:.1f} s'} |")

@@ -95,7 +95,9 @@ def gradcam(
     name = layer or target_layer_name(model, backbone)
     modules = dict(model.named_modules())
     if name not in modules:
-        raise SemimedError(f"Grad-CAM layer {name!r} is not in {type(model).__name__} (see semimed/explain.py)")
+        raise SemimedError(
+            f"Grad-CAM layer {name!r} is not in {type(model).__name__} (see semimed/explain.py)"
+        )
     model.eval()
     with torch.no_grad():
         logits = model(images)
@@ -140,8 +142,8 @@ def explain_run(
     """Grad-CAM overlays for `images` under the latest checkpoint of `run_dir`.
 
     Images are preprocessed as the run's evaluation did (shorter side to data.image_size, centre crop, the
-    run's normalization). Writes `<out_dir or run_dir/gradcam>/<stem>_gradcam.png` (image | overlay, side by
-    side) and logs up to TB_IMAGES overlays to TensorBoard under `run_dir/tb` (tag gradcam).
+    run's normalization). Writes `<out_dir or run_dir/gradcam>/<stem>_<class>_gradcam.png` (image | overlay,
+    side by side) and logs up to TB_IMAGES overlays to TensorBoard under `run_dir/tb` (tag gradcam).
     """
     from semimed.config import load_config
     from semimed.data.augment import Normalizer, build_transform
@@ -167,12 +169,18 @@ def explain_run(
     size = cfg.data.image_size
     transform, normalize = build_transform("none", size), Normalizer(channels, mean, std)
 
-    pixels = torch.stack([transform(torch.from_numpy(resize_center_crop(_read(p, channels, read_image_file), size)))
-                          for p in images])
+    pixels = torch.stack(
+        [
+            transform(torch.from_numpy(resize_center_crop(read_image_file(Path(p), channels), size)))
+            for p in images
+        ]
+    )
     target_index = None
     if target is not None:
         if target not in classes:
-            raise SemimedError(f"explain: --target {target!r} is not a class of this run; valid: {', '.join(classes)}")
+            raise SemimedError(
+                f"explain: --target {target!r} is not a class of this run; valid: {', '.join(classes)}"
+            )
         target_index = [classes.index(target)] * len(images)
     cams, chosen, logits = gradcam(model, normalize(pixels), target_index, layer, cfg.model.backbone)
     probs = probabilities(logits, multilabel).numpy()
@@ -182,15 +190,19 @@ def explain_run(
     results, panels = [], []
     for i, path in enumerate(images):
         picture = pixels[i].numpy()
-        panel = np.concatenate([overlay(picture, np.zeros_like(cams[i]), weight=1.0), overlay(picture, cams[i])], 1)
+        rgb = np.repeat(picture, 3, axis=0) if picture.shape[0] == 1 else picture
+        panel = np.concatenate([rgb.transpose(1, 2, 0), overlay(picture, cams[i])], axis=1)
         panels.append(panel)
         scale = max(1, 256 // size)  # tiny inputs (28-64 px) are unreadable at their own size
         image = Image.fromarray(panel).resize((panel.shape[1] * scale, panel.shape[0] * scale), Image.NEAREST)
         target_name = classes[int(chosen[i])]
         file = out / f"{Path(path).stem}_{target_name}_gradcam.png"
         image.save(file)
-        results.append(Explanation(str(path), file, target_name, float(probs[i, chosen[i]]),
-                                   classes[int(probs[i].argmax())]))
+        results.append(
+            Explanation(
+                str(path), file, target_name, float(probs[i, chosen[i]]), classes[int(probs[i].argmax())]
+            )
+        )
     if tensorboard and panels:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -200,25 +212,24 @@ def explain_run(
     return results
 
 
-def _read(path: str | Path, channels: int, reader) -> np.ndarray:
-    if not Path(path).is_file():
-        raise SemimedError(f"{path}: image file not found")
-    return reader(Path(path), channels)
-
-
 def _rebuild(run_dir: Path, cfg, state: dict[str, torch.Tensor], num_classes: int):
     """(model with the checkpoint's weights, input channels, multilabel, mean, std) for the run."""
     from semimed.models.backbones import (
         BACKBONE_FILE,
-        first_conv_key,
         checkpoint_normalization,
         create_backbone,
+        first_conv_key,
         read_backbone_metadata,
     )
 
     def build(in_chans: int) -> nn.Module:
-        return create_backbone(cfg.model.backbone, num_classes, in_chans, drop_rate=cfg.model.drop_rate,
-                               image_size=cfg.data.image_size)
+        return create_backbone(
+            cfg.model.backbone,
+            num_classes,
+            in_chans,
+            drop_rate=cfg.model.drop_rate,
+            image_size=cfg.data.image_size,
+        )
 
     model = build(3)
     first = state.get(first_conv_key(model))
@@ -228,8 +239,9 @@ def _rebuild(run_dir: Path, cfg, state: dict[str, torch.Tensor], num_classes: in
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise SemimedError(f"{run_dir}: checkpoint does not fit backbone {cfg.model.backbone!r} "
-                           f"({str(exc).splitlines()[0]})") from None
+        raise SemimedError(
+            f"{run_dir}: checkpoint does not fit backbone {cfg.model.backbone!r} ({str(exc).splitlines()[0]})"
+        ) from None
     exported = run_dir / BACKBONE_FILE
     meta = read_backbone_metadata(exported) if exported.is_file() else {}
     if "mean" in meta:

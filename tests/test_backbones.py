@@ -160,7 +160,9 @@ def test_checkpoint_round_trip(tmp_path: Path, fmt: str) -> None:
         save_file(state, str(path))
     elif fmt == "nested":  # timm's train.py layout
         path = tmp_path / "checkpoint.pth.tar"
-        torch.save({"epoch": 3, "arch": "resnet18", "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+        torch.save(
+            {"epoch": 3, "arch": "resnet18", "state_dict": {f"module.{k}": v for k, v in state.items()}}, path
+        )
     else:  # what semimed's engine writes: run/checkpoints/step_XXXXXXX/state.pt with state["method"]
         step = tmp_path / "run" / "checkpoints" / "step_0000040"
         step.mkdir(parents=True)
@@ -212,8 +214,9 @@ def test_first_conv_is_adapted_between_gray_and_rgb(tmp_path: Path) -> None:
     gray_model.load_state_dict(gray)
     gray_model.eval(), rgb_model.eval()
     with torch.no_grad():
-        assert torch.allclose(rgb_model.forward_features(x.repeat(1, 3, 1, 1)), gray_model.forward_features(x),
-                              atol=1e-5)
+        assert torch.allclose(
+            rgb_model.forward_features(x.repeat(1, 3, 1, 1)), gray_model.forward_features(x), atol=1e-5
+        )
 
 
 def test_vit_position_embeddings_are_resampled(tmp_path: Path) -> None:
@@ -229,17 +232,23 @@ def test_vit_position_embeddings_are_resampled(tmp_path: Path) -> None:
 
 def test_export_carries_normalization_into_the_next_run(tmp_path: Path) -> None:
     source = create_backbone("small_cnn", num_classes=14, in_chans=1)
-    path = save_backbone(source, tmp_path / BACKBONE_FILE,
-                         {"backbone": "small_cnn", "mean": [0.5], "std": [0.25], "multilabel": True})
+    path = save_backbone(
+        source,
+        tmp_path / BACKBONE_FILE,
+        {"backbone": "small_cnn", "mean": [0.5], "std": [0.25], "multilabel": True},
+    )
     target = create_backbone("resnet18", num_classes=2)
     assert checkpoint_normalization(tmp_path, target) == ((0.5,), (0.25,))
-    fine = create_backbone("small_cnn", num_classes=2, in_chans=3, checkpoint=str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="adapted features.0.0.weight"):
+        fine = create_backbone("small_cnn", num_classes=2, in_chans=3, checkpoint=str(tmp_path))
     assert fine.pretrained_cfg["mean"] == (0.5,) and fine.pretrained_cfg["std"] == (0.25,)
     assert fine.checkpoint_report.source == str(path)
     # A plain ImageNet-style file says nothing: the architecture's own statistics apply.
     torch.save(source.state_dict(), tmp_path / "plain.pth")
-    assert checkpoint_normalization(tmp_path / "plain.pth", target) == (target.pretrained_cfg["mean"],
-                                                                         target.pretrained_cfg["std"])
+    assert checkpoint_normalization(tmp_path / "plain.pth", target) == (
+        target.pretrained_cfg["mean"],
+        target.pretrained_cfg["std"],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -248,8 +257,10 @@ def test_export_carries_normalization_into_the_next_run(tmp_path: Path) -> None:
 def test_missing_checkpoint_file(tmp_path: Path) -> None:
     with pytest.raises(SemimedError) as excinfo:
         create_backbone("resnet18", num_classes=2, checkpoint=str(tmp_path / "nope.pth"))
-    assert one_line_error(excinfo) == f"{tmp_path / 'nope.pth'}: pretrained checkpoint not found " \
-                                      f"(model.pretrained_checkpoint)"
+    assert (
+        one_line_error(excinfo) == f"{tmp_path / 'nope.pth'}: pretrained checkpoint not found "
+        f"(model.pretrained_checkpoint)"
+    )
 
 
 def test_folder_without_weights(tmp_path: Path) -> None:
@@ -277,7 +288,9 @@ def test_wrong_architecture(tmp_path: Path, saved: str, expected: str) -> None:
 
 def test_export_of_another_backbone_is_named(tmp_path: Path) -> None:
     save_backbone(SmallCNN(2), tmp_path / BACKBONE_FILE, {"backbone": "small_cnn"})
-    with pytest.raises(SemimedError, match="weights of backbone 'small_cnn', but model.backbone is 'resnet18'"):
+    with pytest.raises(
+        SemimedError, match="weights of backbone 'small_cnn', but model.backbone is 'resnet18'"
+    ):
         create_backbone("resnet18", num_classes=2, checkpoint=str(tmp_path))
 
 

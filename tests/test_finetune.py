@@ -39,7 +39,9 @@ def make(strategy: str, **params) -> nn.Module:
 
 def batch(seed: int = 0) -> Batch:
     generator = torch.Generator().manual_seed(seed)
-    return Batch(torch.randn(8, 1, 16, 16, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+    return Batch(
+        torch.randn(8, 1, 16, 16, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    )
 
 
 def snapshot(method: nn.Module) -> dict[str, torch.Tensor]:
@@ -126,8 +128,9 @@ def test_layer_decay_scales_each_layer_of_the_trunk() -> None:
     # timm groups resnet18 as stem + 8 basic blocks: the deepest block trains at 0.5, the stem at 0.5 ** 9.
     assert [g["lr_scale"] for g in groups] == pytest.approx([1.0] + [0.5**k for k in range(1, 10)])
     named = {id(p): n for n, p in model.named_parameters()}
-    assert {named[id(p)] for p in groups[1]["params"]} == {n for n, _ in model.layer4[1].named_parameters(
-        prefix="layer4.1")}
+    assert {named[id(p)] for p in groups[1]["params"]} == {
+        n for n, _ in model.layer4[1].named_parameters(prefix="layer4.1")
+    }
     assert "conv1.weight" in {named[id(p)] for p in groups[-1]["params"]}
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
@@ -180,9 +183,15 @@ def test_engine_runs_a_gradual_schedule_end_to_end(make_single_label_set, tmp_pa
     targets = torch.from_numpy(dataset.labels.copy())
     rows = np.arange(len(dataset))
     identity = nn.Identity()
-    data = RunData(labeled=ImageView(pixels, targets, rows, identity), unlabeled=None, val=None,
-                   test=ImageView(pixels, targets, rows, identity), classes=dataset.classes, multilabel=False,
-                   targets=dataset.labels)
+    data = RunData(
+        labeled=ImageView(pixels, targets, rows, identity),
+        unlabeled=None,
+        val=None,
+        test=ImageView(pixels, targets, rows, identity),
+        classes=dataset.classes,
+        multilabel=False,
+        targets=dataset.labels,
+    )
     torch.manual_seed(0)
     model = create_backbone("small_cnn", num_classes=2, in_chans=3)
     initial = model.features[1][3].weight.detach().clone()

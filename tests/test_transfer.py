@@ -22,8 +22,13 @@ from semimed.methods import METHODS
 from semimed.models.backbones import BACKBONE_FILE, read_backbone_metadata
 
 SEARCH_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "transfer_vs_ssl.yaml"
-COMMON = ["data.image_size=32", "model.backbone=small_cnn", "train.device=cpu", "train.lr=0.003",
-          "data.val_policy=none"]
+COMMON = [
+    "data.image_size=32",
+    "model.backbone=small_cnn",
+    "train.device=cpu",
+    "train.lr=0.003",
+    "data.val_policy=none",
+]
 SEEDS = range(8)
 
 
@@ -48,9 +53,19 @@ def _quiet():
 @pytest.fixture(scope="module")
 def chest_run(demo_roots: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """150 steps of small_cnn on the 14 findings of the ChestX-ray14-format demo, all labels (~15 s)."""
-    cfg = load_config(None, [*COMMON, "data.dataset=chestxray14", f"data.root={demo_roots['chestxray14']}",
-                             "data.fraction=1.0", "train.batch_size=32", "train.steps=150",
-                             "train.eval_every=150", "train.checkpoint_every=150"])
+    cfg = load_config(
+        None,
+        [
+            *COMMON,
+            "data.dataset=chestxray14",
+            f"data.root={demo_roots['chestxray14']}",
+            "data.fraction=1.0",
+            "train.batch_size=32",
+            "train.steps=150",
+            "train.eval_every=150",
+            "train.checkpoint_every=150",
+        ],
+    )
     run_dir = tmp_path_factory.mktemp("transfer") / "chest"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -60,8 +75,17 @@ def chest_run(demo_roots: dict[str, Path], tmp_path_factory: pytest.TempPathFact
 
 
 def breakhis_config(demo_roots: dict[str, Path], *overrides: str):
-    return load_config(None, [*COMMON, "data.dataset=breakhis", f"data.root={demo_roots['breakhis']}",
-                              "data.task=binary", "train.batch_size=16", *overrides])
+    return load_config(
+        None,
+        [
+            *COMMON,
+            "data.dataset=breakhis",
+            f"data.root={demo_roots['breakhis']}",
+            "data.task=binary",
+            "train.batch_size=16",
+            *overrides,
+        ],
+    )
 
 
 def test_every_run_exports_its_backbone(chest_run: Path) -> None:
@@ -76,8 +100,9 @@ def test_every_run_exports_its_backbone(chest_run: Path) -> None:
 
 
 def test_fine_tuning_run_holds_the_saved_trunk(chest_run: Path, demo_roots: dict[str, Path]) -> None:
-    cfg = breakhis_config(demo_roots, "method.name=finetune", f"model.pretrained_checkpoint={chest_run}",
-                          "data.fraction=0.01")
+    cfg = breakhis_config(
+        demo_roots, "method.name=finetune", f"model.pretrained_checkpoint={chest_run}", "data.fraction=0.01"
+    )
     method, data, _ = build_run(cfg)
     saved = load_file(str(chest_run / BACKBONE_FILE))
     loaded = method.model.state_dict()
@@ -100,8 +125,9 @@ def test_fine_tuning_run_holds_the_saved_trunk(chest_run: Path, demo_roots: dict
 def test_ssl_methods_take_the_same_backbone_in_one_line(chest_run: Path, demo_roots: dict[str, Path]) -> None:
     if "fixmatch" not in METHODS:
         pytest.skip("method fixmatch is not registered yet")
-    cfg = breakhis_config(demo_roots, "method.name=fixmatch", f"model.pretrained_checkpoint={chest_run}",
-                          "data.fraction=0.05")
+    cfg = breakhis_config(
+        demo_roots, "method.name=fixmatch", f"model.pretrained_checkpoint={chest_run}", "data.fraction=0.05"
+    )
     method, _, _ = build_run(cfg)
     saved = load_file(str(chest_run / BACKBONE_FILE))
     assert torch.equal(method.model.state_dict()["features.2.3.weight"], saved["features.2.3.weight"])
@@ -120,13 +146,22 @@ def test_chest_pretraining_beats_random_init_at_two_percent_labels(
     linear probe 0.872 ± 0.034, gain +0.278 ± 0.205, better in 14/16. With 8 seeds the mean gain's standard
     error is ~0.06-0.07, so the thresholds below (0.05 and 0.10) leave about 2 standard errors of room.
     """
-    budget = ["data.fraction=0.02", "train.batch_size=8", "train.steps=40", "train.eval_every=40",
-              "train.checkpoint_every=40"]
+    budget = [
+        "data.fraction=0.02",
+        "train.batch_size=8",
+        "train.steps=40",
+        "train.eval_every=40",
+        "train.checkpoint_every=40",
+    ]
     checkpoint = ["method.name=finetune", f"model.pretrained_checkpoint={chest_run}"]
     arms = {
         "scratch": ["method.name=supervised"],
-        "gradual": [*checkpoint, "method.params.strategy=gradual", "method.params.probe_steps=10",
-                    "method.params.trunk_lr_scale=0.3"],
+        "gradual": [
+            *checkpoint,
+            "method.params.strategy=gradual",
+            "method.params.probe_steps=10",
+            "method.params.trunk_lr_scale=0.3",
+        ],
         "probe": [*checkpoint, "method.params.strategy=linear_probe"],
     }
     auc: dict[str, list[float]] = {arm: [] for arm in arms}
@@ -140,10 +175,15 @@ def test_chest_pretraining_beats_random_init_at_two_percent_labels(
     with capsys.disabled():
         print(f"\n[transfer] BreakHis-format test AUC at 2% labels, seeds {list(SEEDS)}")
         for arm, values in auc.items():
-            gain = f"; paired gain {gains[arm].mean():+.3f}, better in {(gains[arm] > 0).sum()}/{len(SEEDS)}" \
-                if arm in gains else ""
-            print(f"[transfer]   {arm:8s} {np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} "
-                  f"{np.round(values, 3).tolist()}{gain}")
+            gain = (
+                f"; paired gain {gains[arm].mean():+.3f}, better in {(gains[arm] > 0).sum()}/{len(SEEDS)}"
+                if arm in gains
+                else ""
+            )
+            print(
+                f"[transfer]   {arm:8s} {np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} "
+                f"{np.round(values, 3).tolist()}{gain}"
+            )
     assert gains["gradual"].mean() >= 0.05, auc
     assert gains["probe"].mean() >= 0.10, auc
 

@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -516,7 +516,7 @@ def _build(
         "bad_rows": {str(k): v for k, v in sorted(bad.items())},
         "missing_dropped": int(dataset.meta.attrs.get("missing_dropped", 0)),
         "notes": list(dataset.notes),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "decode_seconds": round(seconds, 2),
         "resumed_rows": resumed,
         "workers": effective_workers(dataset, workers),

@@ -62,14 +62,18 @@ class FineTune(Method):
             raise SemimedError(f"method.params.trunk_lr_scale={trunk_lr_scale} must be >= 0")
         self.head_name = classifier_name(model)
         if not self.head_name:
-            raise SemimedError(f"finetune: backbone {type(model).__name__} has no classifier head (get_classifier)")
+            raise SemimedError(
+                f"finetune: backbone {type(model).__name__} has no classifier head (get_classifier)"
+            )
         if layer_decay < 1.0 and not hasattr(model, "group_matcher"):
             raise SemimedError(
                 f"method.params.layer_decay needs timm's layer grouping, which {type(model).__name__} lacks"
             )
         self.strategy = strategy
         self.probe_steps = probe_steps
-        self.trunk_lr_scale = trunk_lr_scale if trunk_lr_scale is not None else (0.1 if strategy == "gradual" else 1.0)
+        self.trunk_lr_scale = (
+            trunk_lr_scale if trunk_lr_scale is not None else (0.1 if strategy == "gradual" else 1.0)
+        )
         self.layer_decay = layer_decay
         self.freeze_bn = freeze_bn
         self.trunk_trainable = False
@@ -148,4 +152,6 @@ class FineTune(Method):
         return StepOutput(loss, {"sup_loss": loss.detach(), "trunk_trainable": float(self.trunk_trainable)})
 
     def extra_repr(self) -> str:
-        return f"strategy={self.strategy}, probe_steps={self.probe_steps}, trunk_lr_scale={self.trunk_lr_scale}"
+        return (
+            f"strategy={self.strategy}, probe_steps={self.probe_steps}, trunk_lr_scale={self.trunk_lr_scale}"
+        )

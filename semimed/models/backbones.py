@@ -74,7 +74,9 @@ class SmallCNN(nn.Module):
                 nn.MaxPool2d(2),
             )
 
-        self.features = nn.Sequential(block(in_chans, width), block(width, 2 * width), block(2 * width, 4 * width))
+        self.features = nn.Sequential(
+            block(in_chans, width), block(width, 2 * width), block(2 * width, 4 * width)
+        )
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes)
         # timm's conventions, so checkpoint loading and normalization treat it like any timm model.
@@ -261,20 +263,30 @@ def load_backbone_checkpoint(model: nn.Module, path: str | Path, name: str | Non
             report.adapted.append(f"{key} ({value.shape[1]}->{target.shape[1]} input channels)")
         elif key.endswith("pos_embed") and hasattr(model, "patch_embed") and value.ndim == 3:
             prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-            usable[key] = resample_abs_pos_embed(value, list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
+            usable[key] = resample_abs_pos_embed(
+                value, list(model.patch_embed.grid_size), num_prefix_tokens=prefix
+            )
             report.adapted.append(f"{key} ({value.shape[1]}->{target.shape[1]} tokens)")
         else:
             mismatched.append(f"{key} {list(value.shape)} vs {list(target.shape)}")
     # BatchNorm's num_batches_tracked only matters with momentum=None; torchvision-era files may lack it.
     missing = [
-        k for k in own if k not in state and not is_head_key(k, head) and not k.endswith("num_batches_tracked")
+        k
+        for k in own
+        if k not in state and not is_head_key(k, head) and not k.endswith("num_batches_tracked")
     ]
-    if not usable:
-        raise SemimedError(f"{file}: no tensor name matches {what} (first in file: {next(iter(state), 'none')})")
+    if not any(key in own for key in state):
+        raise SemimedError(
+            f"{file}: no tensor name matches {what} (first in file: {next(iter(state), 'none')})"
+        )
     if mismatched or missing or unexpected:
         problems = [
             f"{len(items)} {kind_} (first: {items[0]})"
-            for kind_, items in (("shape mismatch(es)", mismatched), ("missing", missing), ("unexpected", unexpected))
+            for kind_, items in (
+                ("shape mismatch(es)", mismatched),
+                ("missing", missing),
+                ("unexpected", unexpected),
+            )
             if items
         ]
         raise SemimedError(f"{file}: does not fit {what} (another architecture?): {'; '.join(problems)}")
@@ -308,12 +320,12 @@ def _adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 def _is_channel_change(saved: torch.Tensor, target: torch.Tensor) -> bool:
-    """A 4D conv weight that differs only in its input channels (and one side is gray or RGB)."""
+    """A 4D conv weight that differs only in its input channels, saved for gray or RGB input."""
     return (
         saved.ndim == 4
         and saved.shape[0] == target.shape[0]
         and saved.shape[2:] == target.shape[2:]
-        and (saved.shape[1] in (1, 3))
+        and saved.shape[1] in (1, 3)
     )
 
 
@@ -344,7 +356,7 @@ def _read_state(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[st
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
-                state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118  (not a dict)
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
         except Exception as exc:  # safetensors raises SafetensorError / OSError for a bad header
             raise SemimedError(f"{path}: not a readable .safetensors file ({exc})") from None
     else:
@@ -354,7 +366,9 @@ def _read_state(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[st
             # torch words every weights-only failure alike; a Python class (GLOBAL) in the pickle is the case
             # that full unpickling would load, anything else (a bad opcode) is simply not a checkpoint.
             if "Unsupported global" not in str(exc):
-                raise SemimedError(f"{path}: not a torch checkpoint (not a pickle torch.load can parse)") from None
+                raise SemimedError(
+                    f"{path}: not a torch checkpoint (not a pickle torch.load can parse)"
+                ) from None
             raise SemimedError(
                 f"{path}: refused: it holds pickled Python objects that load only with weights_only=False "
                 f"(which can run arbitrary code); re-save the weights with torch.save(model.state_dict(), path) "
@@ -366,7 +380,9 @@ def _read_state(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[st
         state, metadata = _unwrap(loaded, path)
     bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None or not state:
-        raise SemimedError(f"{path}: expected a state dict of tensors" + (f"; {bad!r} is not one" if bad else ""))
+        raise SemimedError(
+            f"{path}: expected a state dict of tensors" + (f"; {bad!r} is not one" if bad else "")
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}, metadata
 
 
