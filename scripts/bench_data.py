@@ -38,8 +38,11 @@ def _groups(data: Path) -> dict[str, tuple[list[Path], int]]:
     """Group name -> (image files, channels)."""
     chest = data / "chestxray14"
     breakhis = sorted((data / "breakhis").rglob("*.png"))
-    small = [p for folder in ("images_512", "images_256", "images_128", "images_64") for p in
-             sorted((chest / folder).rglob("*.png"))]
+    small = [
+        p
+        for folder in ("images_512", "images_256", "images_128", "images_64")
+        for p in sorted((chest / folder).rglob("*.png"))
+    ]
     return {
         "chestxray14 1024px originals (gray)": (sorted((chest / "images").glob("*.png")), 1),
         "breakhis 700x460 originals (RGB)": (breakhis, 3),
@@ -83,7 +86,9 @@ def _tile(rows: np.ndarray, path: Path, min_mb: int) -> np.ndarray:
     """A memory-mapped cache of at least `min_mb` MB made by repeating the real cached rows, so that the read
     benchmark runs from RAM like a real cache does, not from the CPU caches that a few rows would fit in."""
     repeats = max(1, int(np.ceil(min_mb * 2**20 / max(1, rows.nbytes))))
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(len(rows) * repeats, *rows.shape[1:]))
+    out = np.lib.format.open_memmap(
+        path, mode="w+", dtype=np.uint8, shape=(len(rows) * repeats, *rows.shape[1:])
+    )
     for i in range(repeats):
         out[i * len(rows) : (i + 1) * len(rows)] = rows
     out.flush()
@@ -100,11 +105,19 @@ class _Files:
         from semimed.data.base import LabeledImageSet
 
         root = Path(os.path.commonpath([str(p) for p in files]))
-        meta = pd.DataFrame({"path": [p.relative_to(root).as_posix() for p in files],
-                             "patient_id": [p.stem for p in files]})
+        meta = pd.DataFrame(
+            {"path": [p.relative_to(root).as_posix() for p in files], "patient_id": [p.stem for p in files]}
+        )
         meta.attrs["channels"] = channels
-        self.dataset = LabeledImageSet(name="bench", task="bench", root=root, classes=["x"], multilabel=False,
-                                       labels=np.zeros(len(files), np.int64), meta=meta)
+        self.dataset = LabeledImageSet(
+            name="bench",
+            task="bench",
+            root=root,
+            classes=["x"],
+            multilabel=False,
+            labels=np.zeros(len(files), np.int64),
+            meta=meta,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,11 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no sample images under {data}", file=sys.stderr)
         return 2
 
-    report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} logical CPU(s), {platform.platform()}",
-                    "python": platform.python_version(), "size": args.size, "batch": args.batch, "groups": {}}
+    report: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPU(s), {platform.platform()}",
+        "python": platform.python_version(),
+        "size": args.size,
+        "batch": args.batch,
+        "groups": {},
+    }
     print(f"# data pipeline, {args.size}px, batch {args.batch}, one core each; {report['machine']}")
-    print("| images | n files | decode+resize img/s/core | cache gather img/s/core | cache per-row img/s/core "
-          "| ratio (per-row / decode) |")
+    print(
+        "| images | n files | decode+resize img/s/core | cache gather img/s/core | cache per-row img/s/core "
+        "| ratio (per-row / decode) |"
+    )
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="semimed-bench-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -136,16 +156,25 @@ def main(argv: list[str] | None = None) -> int:
             cached = load_pixels(_Files(files, channels).dataset, args.size, tmp, workers=1, progress=False)
             if cached.bad_rows:
                 print(f"warning: {len(cached.bad_rows)} undecodable file(s) in {name}", file=sys.stderr)
-            tiled = _tile(np.asarray(cached.pixels), Path(tmp) / f"tiled{len(report['groups'])}.npy", args.min_mb)
+            tiled = _tile(
+                np.asarray(cached.pixels), Path(tmp) / f"tiled{len(report['groups'])}.npy", args.min_mb
+            )
             reads = bench_cache(tiled, args.batch, args.seconds)
             del tiled
             ratio = reads["per_row"] / decode_rate
-            report["groups"][name] = {"files": len(files), "decode_per_s": decode_rate, "decoded": timed,
-                                      "cache_gather_per_s": reads["gather"],
-                                      "cache_per_row_per_s": reads["per_row"], "ratio_per_row": ratio,
-                                      "ratio_gather": reads["gather"] / decode_rate}
-            print(f"| {name} | {len(files)} | {decode_rate:,.0f} | {reads['gather']:,.0f} | "
-                  f"{reads['per_row']:,.0f} | {ratio:,.0f}x |")
+            report["groups"][name] = {
+                "files": len(files),
+                "decode_per_s": decode_rate,
+                "decoded": timed,
+                "cache_gather_per_s": reads["gather"],
+                "cache_per_row_per_s": reads["per_row"],
+                "ratio_per_row": ratio,
+                "ratio_gather": reads["gather"] / decode_rate,
+            }
+            print(
+                f"| {name} | {len(files)} | {decode_rate:,.0f} | {reads['gather']:,.0f} | "
+                f"{reads['per_row']:,.0f} | {ratio:,.0f}x |"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

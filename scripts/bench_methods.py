@@ -51,9 +51,15 @@ def synthetic_data(image_size: int, channels: int, labeled: int, unlabeled: int,
     targets = torch.from_numpy(labels)
     rows = np.arange(n)
     weak, strong = build_transform("weak", image_size), build_transform("strong", image_size)
-    return RunData(labeled=ImageView(pixels, targets, rows[:labeled], weak),
-                   unlabeled=TwoView(pixels, targets, rows[labeled:], weak, strong),
-                   val=None, test=None, classes=["benign", "malignant"], multilabel=False, targets=labels)
+    return RunData(
+        labeled=ImageView(pixels, targets, rows[:labeled], weak),
+        unlabeled=TwoView(pixels, targets, rows[labeled:], weak, strong),
+        val=None,
+        test=None,
+        classes=["benign", "malignant"],
+        multilabel=False,
+        targets=labels,
+    )
 
 
 def bench_one(name: str, args: argparse.Namespace, data: RunData) -> dict:
@@ -63,55 +69,82 @@ def bench_one(name: str, args: argparse.Namespace, data: RunData) -> dict:
         model = create_backbone(args.backbone, 2, args.channels)
         method = create_method(name, model, 2, False, **params)
         # 2·steps steps with one log window of `steps`: the reported window is the second, warm half.
-        cfg = TrainConfig(steps=2 * args.steps, batch_size=args.batch_size, unlabeled_ratio=args.mu,
-                          eval_every=4 * args.steps, checkpoint_every=10**9, device=args.device, amp=args.amp,
-                          channels_last=args.channels_last)
+        cfg = TrainConfig(
+            steps=2 * args.steps,
+            batch_size=args.batch_size,
+            unlabeled_ratio=args.mu,
+            eval_every=4 * args.steps,
+            checkpoint_every=10**9,
+            device=args.device,
+            amp=args.amp,
+            channels_last=args.channels_last,
+        )
         started = time.perf_counter()
         final = fit(method, data, cfg, show_progress=False)
         total = time.perf_counter() - started
     per_s = float(final["train/images_per_s"])
-    return {"method": name, "labeled_images_per_s": per_s, "s_per_step": args.batch_size / per_s,
-            "images_through_networks_per_step": images_through_networks(name, args.batch_size, args.mu),
-            "wall_s": total}
+    return {
+        "method": name,
+        "labeled_images_per_s": per_s,
+        "s_per_step": args.batch_size / per_s,
+        "images_through_networks_per_step": images_through_networks(name, args.batch_size, args.mu),
+        "wall_s": total,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="small_cnn")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32, help="labeled images per step (B)")
-    parser.add_argument("--mu", type=int, default=2, help="unlabeled images per labeled one (train.unlabeled_ratio)")
+    parser.add_argument(
+        "--mu", type=int, default=2, help="unlabeled images per labeled one (train.unlabeled_ratio)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after as many warm-up steps)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
-    parser.add_argument("--channels-last", action="store_true", help="train.channels_last (faster convs on CPU)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="train.channels_last (faster convs on CPU)"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", default="", help="also write the rows to this file")
-    parser.add_argument("--smoke-test", action="store_true", help="2 steps at B=4: checks that everything runs")
+    parser.add_argument(
+        "--smoke-test", action="store_true", help="2 steps at B=4: checks that everything runs"
+    )
     args = parser.parse_args(argv)
     if args.smoke_test:
         args.steps, args.batch_size = 2, 4
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    data = synthetic_data(args.image_size, args.channels, labeled=max(64, args.batch_size),
-                          unlabeled=max(256, args.batch_size * args.mu))
+    data = synthetic_data(
+        args.image_size,
+        args.channels,
+        labeled=max(64, args.batch_size),
+        unlabeled=max(256, args.batch_size * args.mu),
+    )
     rows = [bench_one(name, args, data) for name in args.methods]
     base = next((r for r in rows if r["method"] == "supervised"), None)
     for row in rows:
         row["cost_vs_supervised"] = row["s_per_step"] / base["s_per_step"] if base else float("nan")
 
-    print(f"# {args.backbone}, {args.image_size} px, B={args.batch_size}, μ={args.mu}, {args.steps} timed steps, "
-          f"device {args.device}, amp {args.amp}, channels_last {args.channels_last}, "
-          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"# {args.backbone}, {args.image_size} px, B={args.batch_size}, μ={args.mu}, {args.steps} timed steps, "
+        f"device {args.device}, amp {args.amp}, channels_last {args.channels_last}, "
+        f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}"
+    )
     print("| method | labeled img/s | s/step | × supervised | images through the networks per step |")
     print("|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['method']} | {row['labeled_images_per_s']:.1f} | {row['s_per_step']:.3f} | "
-              f"{row['cost_vs_supervised']:.2f} | {row['images_through_networks_per_step']} |")
+        print(
+            f"| {row['method']} | {row['labeled_images_per_s']:.1f} | {row['s_per_step']:.3f} | "
+            f"{row['cost_vs_supervised']:.2f} | {row['images_through_networks_per_step']} |"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "rows": rows}, handle, indent=1)

@@ -157,8 +157,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 raise TypeError
             return str(value)
         if text.startswith("list[float]"):
-            if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                                  for v in value):
+            if not isinstance(value, list) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) for v in value
+            ):
                 raise TypeError
             return [float(v) for v in value]
     except (TypeError, ValueError):

@@ -42,8 +42,10 @@ def check_config(cfg: Config) -> None:
         raise SemimedError(f"unknown data.dataset {cfg.data.dataset!r}; valid: {', '.join(DATASETS)}")
     check_method(cfg.method.name, cfg.method.params)
     if cfg.model.backbone not in LOCAL_BACKBONES and not timm.is_model(cfg.model.backbone):
-        raise SemimedError(f"unknown model.backbone {cfg.model.backbone!r}; valid: {', '.join(backbone_names())} "
-                           "(or any timm.list_models() name)")
+        raise SemimedError(
+            f"unknown model.backbone {cfg.model.backbone!r}; valid: {', '.join(backbone_names())} "
+            "(or any timm.list_models() name)"
+        )
 
 
 def load_split(cfg: Config, dataset) -> Split:

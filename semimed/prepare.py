@@ -28,14 +28,25 @@ from semimed.errors import SemimedError
 
 # BreakHis release (Spanhol et al. 2016, Table 1): images per subtype and magnification, patients per subtype.
 BREAKHIS_IMAGES = {
-    "adenosis": (114, 113, 111, 106), "fibroadenoma": (253, 260, 264, 237),
-    "phyllodes_tumor": (109, 121, 108, 115), "tubular_adenoma": (149, 150, 140, 130),
-    "ductal_carcinoma": (864, 903, 896, 788), "lobular_carcinoma": (156, 170, 163, 137),
-    "mucinous_carcinoma": (205, 222, 196, 169), "papillary_carcinoma": (145, 142, 135, 138),
+    "adenosis": (114, 113, 111, 106),
+    "fibroadenoma": (253, 260, 264, 237),
+    "phyllodes_tumor": (109, 121, 108, 115),
+    "tubular_adenoma": (149, 150, 140, 130),
+    "ductal_carcinoma": (864, 903, 896, 788),
+    "lobular_carcinoma": (156, 170, 163, 137),
+    "mucinous_carcinoma": (205, 222, 196, 169),
+    "papillary_carcinoma": (145, 142, 135, 138),
 }  # (40X, 100X, 200X, 400X)
-BREAKHIS_PATIENTS = {"adenosis": 4, "fibroadenoma": 10, "phyllodes_tumor": 3, "tubular_adenoma": 7,
-                     "ductal_carcinoma": 38, "lobular_carcinoma": 5, "mucinous_carcinoma": 9,
-                     "papillary_carcinoma": 6}
+BREAKHIS_PATIENTS = {
+    "adenosis": 4,
+    "fibroadenoma": 10,
+    "phyllodes_tumor": 3,
+    "tubular_adenoma": 7,
+    "ductal_carcinoma": 38,
+    "lobular_carcinoma": 5,
+    "mucinous_carcinoma": 9,
+    "papillary_carcinoma": 6,
+}
 BREAKHIS_TOTAL_IMAGES, BREAKHIS_TOTAL_PATIENTS = 7_909, 82
 _MAGNIFICATIONS = (40, 100, 200, 400)
 
@@ -60,16 +71,20 @@ def check_totals(dataset: LabeledImageSet, data_cfg: DataConfig) -> dict[str, An
     if dataset.name == "breakhis":
         magnification = str(data_cfg.magnification).strip().lower().removesuffix("x")
         columns = list(range(4)) if magnification == "all" else [_MAGNIFICATIONS.index(int(magnification))]
-        expected = {"images": int(sum(sum(v[c] for c in columns) for v in BREAKHIS_IMAGES.values())),
-                    "patients": BREAKHIS_TOTAL_PATIENTS}
+        expected = {
+            "images": int(sum(sum(v[c] for c in columns) for v in BREAKHIS_IMAGES.values())),
+            "patients": BREAKHIS_TOTAL_PATIENTS,
+        }
         meta = dataset.meta
         for subtype, counts in BREAKHIS_IMAGES.items():
             have = meta[meta["subtype"] == subtype]
             want_images = sum(counts[c] for c in columns)
             have_patients = have["patient_id"].nunique()
             if len(have) < want_images or have_patients < BREAKHIS_PATIENTS[subtype]:
-                missing.append(f"{subtype}: {len(have)} of {want_images} images, {have_patients} of "
-                               f"{BREAKHIS_PATIENTS[subtype]} patients")
+                missing.append(
+                    f"{subtype}: {len(have)} of {want_images} images, {have_patients} of "
+                    f"{BREAKHIS_PATIENTS[subtype]} patients"
+                )
         if magnification == "all":
             for c, mag in enumerate(_MAGNIFICATIONS):
                 want = sum(v[c] for v in BREAKHIS_IMAGES.values())
@@ -83,8 +98,10 @@ def check_totals(dataset: LabeledImageSet, data_cfg: DataConfig) -> dict[str, An
         if str(data_cfg.view).lower() == "all":
             expected = {"images": TOTAL_IMAGES, "patients": TOTAL_PATIENTS}
         if dropped:
-            missing.append(f"{dropped} rows of {dataset.meta.attrs.get('metadata', 'the metadata')} have no image "
-                           "under root (dropped: --drop-missing)")
+            missing.append(
+                f"{dropped} rows of {dataset.meta.attrs.get('metadata', 'the metadata')} have no image "
+                "under root (dropped: --drop-missing)"
+            )
     elif dataset.name == "medmnist":
         from semimed.data.medmnist import KNOWN_COUNTS, SPLITS
 
@@ -95,18 +112,34 @@ def check_totals(dataset: LabeledImageSet, data_cfg: DataConfig) -> dict[str, An
                 have = int((dataset.official_split == split).sum())
                 if have != want:
                     missing.append(f"{split}: {have} images, the release has {want}")
-    complete = expected is not None and not missing and found["images"] >= expected["images"] \
+    complete = (
+        expected is not None
+        and not missing
+        and found["images"] >= expected["images"]
         and found["patients"] >= expected["patients"]
+    )
     if expected is not None and not complete and not missing:
-        missing.append(f"{found['images']} of {expected['images']} images, {found['patients']} of "
-                       f"{expected['patients']} patients")
+        missing.append(
+            f"{found['images']} of {expected['images']} images, {found['patients']} of "
+            f"{expected['patients']} patients"
+        )
     return {"expected": expected, "found": found, "complete": bool(complete), "missing": missing}
 
 
 def prepare(
-    dataset: str, root: str | Path, size: int, out: str | Path, *, task: str = "", view: str = "all",
-    magnification: str = "all", drop_missing: bool = False, workers: int | None = None, rebuild: bool = False,
-    download: bool = False, progress: bool = True,
+    dataset: str,
+    root: str | Path,
+    size: int,
+    out: str | Path,
+    *,
+    task: str = "",
+    view: str = "all",
+    magnification: str = "all",
+    drop_missing: bool = False,
+    workers: int | None = None,
+    rebuild: bool = False,
+    download: bool = False,
+    progress: bool = True,
 ) -> PrepareResult:
     """Build (or find, or resume) the cache of `dataset` at `size` under `out`; see the module docstring."""
     if size < 8:
@@ -118,9 +151,16 @@ def prepare(
         fetched = download_medmnist(medmnist_flag(root), root.parent, medmnist_size(root))
         if fetched.resolve() != root.resolve():
             raise SemimedError(f"prepare: downloaded {fetched}, not {root}; pass --root {fetched}")
-    data_cfg = DataConfig(dataset=dataset, root=str(root), task=task or DataConfig.task,
-                          magnification=str(magnification), view=view, image_size=size,
-                          cache_dir=str(out), drop_missing=drop_missing)
+    data_cfg = DataConfig(
+        dataset=dataset,
+        root=str(root),
+        task=task or DataConfig.task,
+        magnification=str(magnification),
+        view=view,
+        image_size=size,
+        cache_dir=str(out),
+        drop_missing=drop_missing,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = load_dataset(data_cfg)
@@ -129,37 +169,55 @@ def prepare(
     totals = check_totals(data, data_cfg)
     folder = cache_folder(data, size, out)
     existing = None if rebuild else read_manifest(folder)
-    decoded = load_pixels(data, size, out, workers, wait_for_lock=False, progress=progress, rebuild=rebuild,
-                          extra_manifest={"prepared_by": "semimed prepare", "totals": totals,
-                                          "loader": {"view": view, "magnification": str(magnification),
-                                                     "drop_missing": drop_missing}})
+    decoded = load_pixels(
+        data,
+        size,
+        out,
+        workers,
+        wait_for_lock=False,
+        progress=progress,
+        rebuild=rebuild,
+        extra_manifest={
+            "prepared_by": "semimed prepare",
+            "totals": totals,
+            "loader": {"view": view, "magnification": str(magnification), "drop_missing": drop_missing},
+        },
+    )
     reused = existing is not None and decoded.path == folder
     manifest = decoded.manifest
-    lines = [f"{data.name}/{data.task}: {len(data)} images, {totals['found']['patients']} patients, "
-             f"{size}px, {data.channels} channel(s)"]
+    lines = [
+        f"{data.name}/{data.task}: {len(data)} images, {totals['found']['patients']} patients, "
+        f"{size}px, {data.channels} channel(s)"
+    ]
     if totals["expected"] is not None:
         state = "complete" if totals["complete"] else "INCOMPLETE"
-        lines.append(f"release totals: {totals['expected']['images']} images / {totals['expected']['patients']} "
-                     f"patients -> {state}")
+        lines.append(
+            f"release totals: {totals['expected']['images']} images / {totals['expected']['patients']} "
+            f"patients -> {state}"
+        )
     for item in totals["missing"]:
         lines.append(f"missing: {item}")
     if decoded.path != folder:
         lines.append(f"a cache of a superset of these rows already exists: {decoded.path} (runs read it)")
     elif reused:
         problems = verify_cache(folder)
-        lines.append("cache already complete" + ("" if not problems else f"; PROBLEMS: {'; '.join(problems)}"))
+        lines.append(
+            "cache already complete" + ("" if not problems else f"; PROBLEMS: {'; '.join(problems)}")
+        )
     else:
         resumed = manifest.get("resumed_rows", 0)
-        lines.append(f"decoded {len(data) - resumed} image(s) in {manifest.get('decode_seconds', 0):.1f} s with "
-                     f"{manifest.get('workers')} worker(s)" + (f" (resumed: {resumed} done before)" if resumed
-                                                                 else ""))
+        lines.append(
+            f"decoded {len(data) - resumed} image(s) in {manifest.get('decode_seconds', 0):.1f} s with "
+            f"{manifest.get('workers')} worker(s)" + (f" (resumed: {resumed} done before)" if resumed else "")
+        )
     bad = sorted(decoded.bad_rows.items())
     if bad:
-        lines.append(f"{len(bad)} image(s) could not be decoded and are listed in the manifest (bad_rows); "
-                     f"a split that includes one will refuse to train. First: {bad[0][1]}")
+        lines.append(
+            f"{len(bad)} image(s) could not be decoded and are listed in the manifest (bad_rows); "
+            f"a split that includes one will refuse to train. First: {bad[0][1]}"
+        )
     lines += [f"warning: {message}" for message in loader_warnings]
     lines += [f"note: {note}" for note in data.notes]
     lines.append(f"cache: {decoded.path}")
     lines.append(f"use it with: data.cache_dir={Path(out).expanduser().resolve()} data.image_size={size}")
     return PrepareResult(folder=Path(decoded.path or folder), manifest=manifest, reused=reused, lines=lines)
-

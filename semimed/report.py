@@ -253,26 +253,39 @@ def published_comparison(experiment_dir: Path) -> str:
             continue
         cfg = yaml.safe_load(config_path.read_text()) or {}
         data, model = cfg.get("data", {}), cfg.get("model", {})
-        if (data.get("dataset") != "medmnist" or float(data.get("fraction", 0)) != 1.0
-                or cfg.get("method", {}).get("name") != CONTROL
-                or model.get("pretrained") or model.get("pretrained_checkpoint")):
+        if (
+            data.get("dataset") != "medmnist"
+            or float(data.get("fraction", 0)) != 1.0
+            or cfg.get("method", {}).get("name") != CONTROL
+            or model.get("pretrained")
+            or model.get("pretrained_checkpoint")
+        ):
             continue
-        key = (medmnist_flag(data.get("root", "")), str(model.get("backbone")), int(data.get("image_size", 0)))
+        key = (
+            medmnist_flag(data.get("root", "")),
+            str(model.get("backbone")),
+            int(data.get("image_size", 0)),
+        )
         if key in PUBLISHED and medmnist_size(data.get("root", "")) == key[2]:  # not a resized MedMNIST+ file
             found.setdefault(key, []).append(json.loads(metrics_path.read_text()))
     lines = []
     for key, runs in sorted(found.items()):
-        lines += [f"## Published row: {key[0]}, {PUBLISHED_SOURCE}", "",
-                  "| metric | published | ours (selected on val) | ours (last checkpoint) | ours − published |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"## Published row: {key[0]}, {PUBLISHED_SOURCE}",
+            "",
+            "| metric | published | ours (selected on val) | ours (last checkpoint) | ours − published |",
+            "|---|---|---|---|---|",
+        ]
         for metric, published in PUBLISHED[key].items():
             cells = []
             for prefix in ("test", "test_last"):
                 values = np.array([r.get(f"{prefix}/{metric}") for r in runs], dtype=float)
                 mean, std, _, _, n = mean_ci(values)
                 cells.append((mean, f"{mean:.3f} ± {std:.3f} (n={n})" if n > 1 else f"{mean:.3f} (n={n})"))
-            lines.append(f"| {metric} | {published:.3f} | {cells[0][1]} | {cells[1][1]} | "
-                         f"{cells[0][0] - published:+.3f} |")
+            lines.append(
+                f"| {metric} | {published:.3f} | {cells[0][1]} | {cells[1][1]} | "
+                f"{cells[0][0] - published:+.3f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -198,10 +198,15 @@ def trial_label(overrides: dict[str, Any]) -> str:
         parts = key.split(".")
         return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
-    pairs = [
-        f"{short(k)}={v:.3g}" if isinstance(v, float) else f"{short(k)}={v}" for k, v in overrides.items()
-    ]
-    return ",".join(pairs).replace("/", "_")
+    def value(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        if isinstance(v, dict):  # a whole section as one grid value, e.g. {name: fixmatch, params: {...}}
+            return str(v.get("name", "+".join(f"{k}={value(x)}" for k, x in v.items())))
+        return str(v)
+
+    pairs = [f"{short(k)}={value(v)}" for k, v in overrides.items()]
+    return ",".join(pairs).replace("/", "_").replace(" ", "")
 
 
 def resolve_storage(storage: str | None) -> str:

@@ -49,9 +49,16 @@ def _memory_set(n: int = 40, reader=None, name: str = "memset", paths=None) -> L
     paths = paths if paths is not None else [f"img/{i:03d}.png" for i in range(n)]
     meta = pd.DataFrame({"path": paths, "patient_id": [f"p{i // 2}" for i in range(len(paths))]})
     meta.attrs["channels"] = 1
-    return LabeledImageSet(name=name, task="t", root=Path("/nonexistent/memset"), classes=["a", "b"],
-                           multilabel=False, labels=np.arange(len(paths)) % 2, meta=meta,
-                           reader=reader or CountingReader())
+    return LabeledImageSet(
+        name=name,
+        task="t",
+        root=Path("/nonexistent/memset"),
+        classes=["a", "b"],
+        multilabel=False,
+        labels=np.arange(len(paths)) % 2,
+        meta=meta,
+        reader=reader or CountingReader(),
+    )
 
 
 def test_resize_center_crop_keeps_the_aspect_ratio() -> None:
@@ -73,7 +80,12 @@ def test_build_reuse_and_manifest(tmp_path: Path) -> None:
     assert reader.calls == 40 and first.path == cache_folder(dataset, 12, tmp_path)
     assert [int(first.pixels[i].max()) for i in (0, 17, 39)] == [0, 17, 39]
     manifest = json.loads((first.path / "manifest.json").read_text())
-    assert (manifest["count"], manifest["size"], manifest["channels"], manifest["patients"]) == (40, 12, 1, 20)
+    assert (manifest["count"], manifest["size"], manifest["channels"], manifest["patients"]) == (
+        40,
+        12,
+        1,
+        20,
+    )
     assert manifest["dataset"] == "memset" and manifest["bad_rows"] == {} and manifest["missing_dropped"] == 0
     assert manifest["source_root"] == "/nonexistent/memset" and verify_cache(first.path) == []
     assert sorted(os.listdir(tmp_path)) == [first.path.name]  # no staging or lock left behind
@@ -124,9 +136,18 @@ def test_training_on_a_split_with_a_corrupt_image_stops_naming_it(tmp_path: Path
 
     root = make_chest_release(tmp_path / "nih", _rows(12), test=("00000011_000.png", "00000012_000.png"))
     (root / "images_001" / "images" / "00000003_000.png").write_bytes(b"")
-    cfg = Config(data=DataConfig(dataset="chestxray14", root=str(root), image_size=8, fraction=1.0,
-                                 cache_dir=str(tmp_path / "cache")))
-    with pytest.raises(SemimedError, match=r"1 image\(s\) of the split cannot be decoded; first: .*00000003_000"):
+    cfg = Config(
+        data=DataConfig(
+            dataset="chestxray14",
+            root=str(root),
+            image_size=8,
+            fraction=1.0,
+            cache_dir=str(tmp_path / "cache"),
+        )
+    )
+    with pytest.raises(
+        SemimedError, match=r"1 image\(s\) of the split cannot be decoded; first: .*00000003_000"
+    ):
         build_run(cfg)
 
 
@@ -170,7 +191,9 @@ def test_the_build_lock(tmp_path: Path) -> None:
     lock.write_text(f"{socket.gethostname()} pid {os.getpid()}\n")  # a live holder
     with pytest.raises(SemimedError, match=rf"another process \({socket.gethostname()} pid {os.getpid()}\)"):
         load_pixels(dataset, 12, tmp_path, workers=1, wait_for_lock=False)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     lock.write_text(f"{socket.gethostname()} pid {int(dead.stdout)}\n")  # its process is gone: a stale lock
     decoded = load_pixels(dataset, 12, tmp_path, workers=1, wait_for_lock=False)
     assert decoded.path == folder and not lock.exists()

@@ -71,7 +71,12 @@ def test_full_table_official_lists_and_published_counts(chest_root: Path) -> Non
 
 def test_sample_rows_match_the_index(sample, index: pd.DataFrame, chest_root: Path) -> None:
     dataset, _ = sample
-    assert (dataset.name, dataset.task, dataset.multilabel, dataset.channels) == ("chestxray14", "findings", True, 1)
+    assert (dataset.name, dataset.task, dataset.multilabel, dataset.channels) == (
+        "chestxray14",
+        "findings",
+        True,
+        1,
+    )
     assert dataset.classes == FINDINGS == CHEST_FINDINGS
     assert dataset.labels.dtype == np.float32 and dataset.labels.shape == (440, 14)
     assert len(dataset) == index["image_index"].nunique() == 440
@@ -178,8 +183,9 @@ def test_labels_paths_and_official_split(tmp_path: Path, make_chest_release) -> 
 
 
 def test_flat_layout_gz_table_and_nested_metadata(tmp_path: Path, make_chest_release) -> None:
-    root = make_chest_release(tmp_path / "flat", ROWS, test=("00000003_000.png",), folder="pngs",
-                              csv_name="Data_Entry_2017.csv.gz")
+    root = make_chest_release(
+        tmp_path / "flat", ROWS, test=("00000003_000.png",), folder="pngs", csv_name="Data_Entry_2017.csv.gz"
+    )
     (root / "meta").mkdir()
     for name in ("Data_Entry_2017.csv.gz", "test_list.txt", "train_val_list.txt"):
         (root / name).rename(root / "meta" / name)
@@ -190,15 +196,18 @@ def test_flat_layout_gz_table_and_nested_metadata(tmp_path: Path, make_chest_rel
 
 def test_v2020_table_preferred_over_2017_at_the_same_depth(tmp_path: Path, make_chest_release) -> None:
     root = make_chest_release(tmp_path / "nih", ROWS, test=("00000003_000.png",))
-    (root / "Data_Entry_2017.csv").write_text((root / "Data_Entry_2017_v2020.csv").read_text()
-                                              .replace("Cardiomegaly", "Mass"))
+    (root / "Data_Entry_2017.csv").write_text(
+        (root / "Data_Entry_2017_v2020.csv").read_text().replace("Cardiomegaly", "Mass")
+    )
     dataset = load_chestxray14(root)
     assert dataset.labels[0, FINDINGS.index("Cardiomegaly")] == 1
     assert any("using Data_Entry_2017_v2020.csv" in note for note in dataset.notes)
 
 
 def test_drop_missing_records_the_count(tmp_path: Path, make_chest_release) -> None:
-    root = make_chest_release(tmp_path / "nih", ROWS, test=("00000003_000.png",), skip_images=("00000002_000.png",))
+    root = make_chest_release(
+        tmp_path / "nih", ROWS, test=("00000003_000.png",), skip_images=("00000002_000.png",)
+    )
     with pytest.raises(SemimedError, match=r"1 of 4 rows name an image not found .*first: 00000002_000\.png"):
         load_chestxray14(root)
     with pytest.warns(RuntimeWarning, match="dropped"):
@@ -232,15 +241,25 @@ def _edit_table(root: Path, old: str, new: str) -> None:
         ("Effusion|Hernia", "Effusion|Hernie", r"line 3: unknown finding 'Hernie'"),
         ("Cardiomegaly", "No Finding|Mass", r"line 2: 'No Finding' combined with findings"),
         ("Cardiomegaly", "Mass||Nodule", r"line 2: empty finding"),
-        ("00000002_000.png,", "../00000002_000.png,", r"line 4: image name '\.\./00000002_000\.png' .*escape"),
-        ("00000002_000.png,", "sub/00000002_000.png,", r"line 4: image name 'sub/00000002_000\.png' .*escape"),
+        (
+            "00000002_000.png,",
+            "../00000002_000.png,",
+            r"line 4: image name '\.\./00000002_000\.png' .*escape",
+        ),
+        (
+            "00000002_000.png,",
+            "sub/00000002_000.png,",
+            r"line 4: image name 'sub/00000002_000\.png' .*escape",
+        ),
         ("00000002_000.png,", "00000001_000.png,", r"line 4: image '00000001_000\.png' appears twice"),
         (",2,50,M,PA", ",two,50,M,PA", r"line 4: Patient ID 'two' is not a number"),
         (",2,50,M,PA", ",2,50,M,LL", r"line 4: View Position 'LL' is not PA or AP"),
         ("Patient ID", "Patient", r"lacks column\(s\) 'Patient ID'"),
     ],
 )
-def test_bad_table_rows_are_named(tmp_path: Path, make_chest_release, old: str, new: str, message: str) -> None:
+def test_bad_table_rows_are_named(
+    tmp_path: Path, make_chest_release, old: str, new: str, message: str
+) -> None:
     root = make_chest_release(tmp_path / "nih", ROWS, test=("00000003_000.png",))
     _edit_table(root, old, new)
     with pytest.raises(SemimedError, match=message) as error:
@@ -279,7 +298,9 @@ def test_missing_or_ambiguous_files_and_bad_arguments(tmp_path: Path, make_chest
         (root / copy).mkdir()
         (root / copy / "test_list.txt").write_text("00000003_000.png")
     (root / "test_list.txt").unlink()
-    with pytest.raises(SemimedError, match=r"several test_list\.txt at the same depth \(x/test_list\.txt, y/"):
+    with pytest.raises(
+        SemimedError, match=r"several test_list\.txt at the same depth \(x/test_list\.txt, y/"
+    ):
         load_chestxray14(root)
     (root / "Data_Entry_2017_v2020.csv").unlink()
     with pytest.raises(SemimedError, match="no ChestX-ray14 metadata"):

@@ -23,8 +23,15 @@ def pinned_ray() -> str:
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
 def test_launcher_configs(name):
     config = yaml.safe_load((CLUSTER / name).read_text())
-    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "head_start_ray_commands",
-                "worker_start_ray_commands", "docker"):
+    for key in (
+        "cluster_name",
+        "provider",
+        "available_node_types",
+        "head_node_type",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+        "docker",
+    ):
         assert key in config, key
     assert config["head_node_type"] in config["available_node_types"]
     assert config["docker"]["image"].startswith(f"rayproject/ray:{pinned_ray()}-")

@@ -47,7 +47,12 @@ def _npz(path: Path, n=(6, 2, 3), shape=(28, 28), labels=None, drop: tuple[str, 
 
 def test_breastmnist_matches_the_release(breast_npz: Path) -> None:
     dataset = load_medmnist(breast_npz)
-    assert (dataset.name, dataset.task, dataset.multilabel, dataset.channels) == ("medmnist", "breastmnist", False, 1)
+    assert (dataset.name, dataset.task, dataset.multilabel, dataset.channels) == (
+        "medmnist",
+        "breastmnist",
+        False,
+        1,
+    )
     assert dataset.classes == ["malignant", "normal_benign"] and dataset.labels.dtype == np.int64
     with np.load(breast_npz) as raw:
         for split, counts in (("train", [147, 399]), ("val", [21, 57]), ("test", [42, 114])):
@@ -75,8 +80,21 @@ def test_breastmnist_split_uses_the_release_split_and_says_there_are_no_patients
 
 
 def test_cli_split_prints_the_no_patient_note(breast_npz: Path, tmp_path: Path, capsys) -> None:
-    assert main(["split", "medmnist", "--root", str(breast_npz), "--fraction", "0.5", "--out",
-                 str(tmp_path / "split.json")]) == 0
+    assert (
+        main(
+            [
+                "split",
+                "medmnist",
+                "--root",
+                str(breast_npz),
+                "--fraction",
+                "0.5",
+                "--out",
+                str(tmp_path / "split.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"note: {NO_PATIENT_NOTE}" in out and "medmnist/breastmnist: 780 images" in out
     assert json.loads((tmp_path / "split.json").read_text())["dataset"] == "medmnist"
@@ -86,10 +104,18 @@ def test_cli_split_prints_the_no_patient_note(breast_npz: Path, tmp_path: Path, 
 
 
 def test_multilabel_rgb_and_size_suffix(tmp_path: Path) -> None:
-    path = _npz(tmp_path / "chestmnist_64.npz", shape=(64, 64, 3),
-                labels=lambda count: (np.arange(count * 14).reshape(count, 14) % 3 == 0).astype(np.uint8))
+    path = _npz(
+        tmp_path / "chestmnist_64.npz",
+        shape=(64, 64, 3),
+        labels=lambda count: (np.arange(count * 14).reshape(count, 14) % 3 == 0).astype(np.uint8),
+    )
     dataset = load_medmnist(path)
-    assert (dataset.task, dataset.multilabel, dataset.channels, dataset.classes) == ("chestmnist", True, 3, FINDINGS)
+    assert (dataset.task, dataset.multilabel, dataset.channels, dataset.classes) == (
+        "chestmnist",
+        True,
+        3,
+        FINDINGS,
+    )
     assert dataset.labels.dtype == np.float32 and dataset.labels.shape == (11, 14)
     assert dataset.labels[1].tolist() == [float(v % 3 == 0) for v in range(14, 28)]
     assert dataset.read_image(7).shape == (64, 64, 3) and int(dataset.read_image(7)[0, 0, 0]) == 1  # val:1
@@ -97,7 +123,9 @@ def test_multilabel_rgb_and_size_suffix(tmp_path: Path) -> None:
 
 
 def test_unknown_file_gets_generic_class_names(tmp_path: Path) -> None:
-    dataset = load_medmnist(_npz(tmp_path / "mystery.npz", labels=lambda count: (np.arange(count) % 3)[:, None]))
+    dataset = load_medmnist(
+        _npz(tmp_path / "mystery.npz", labels=lambda count: (np.arange(count) % 3)[:, None])
+    )
     assert dataset.task == "mystery" and dataset.classes == ["class_0", "class_1", "class_2"]
     assert dataset.official_split.tolist() == ["train"] * 6 + ["val"] * 2 + ["test"] * 3
 
@@ -145,12 +173,28 @@ def test_download_fails_with_a_clear_message_offline(tmp_path: Path, monkeypatch
 
     fake = types.SimpleNamespace(INFO={"breastmnist": {"python_class": "BreastMNIST"}}, BreastMNIST=Offline)
     monkeypatch.setitem(sys.modules, "medmnist", fake)
-    with pytest.raises(SemimedError, match=r"could not download breastmnist \(Name or service not known\); offline"):
+    with pytest.raises(
+        SemimedError, match=r"could not download breastmnist \(Name or service not known\); offline"
+    ):
         download_medmnist("breastmnist", tmp_path)
     with pytest.raises(SemimedError, match="unknown flag 'nosuchmnist'"):
         download_medmnist("nosuchmnist", tmp_path)
-    assert main(["prepare", "medmnist", "--root", str(tmp_path / "breastmnist.npz"), "--size", "28", "--out",
-                 str(tmp_path / "cache"), "--download"]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "medmnist",
+                "--root",
+                str(tmp_path / "breastmnist.npz"),
+                "--size",
+                "28",
+                "--out",
+                str(tmp_path / "cache"),
+                "--download",
+            ]
+        )
+        == 2
+    )
 
 
 # ------------------------------------------------------------------------------------- train.augment, report
@@ -167,9 +211,17 @@ def test_train_augment_none_keeps_the_labeled_view_fixed(tmp_path: Path) -> None
     np.savez(path, **arrays)
 
     def labeled_views(augment: str) -> list[torch.Tensor]:
-        cfg = Config(data=DataConfig(dataset="medmnist", root=str(path), image_size=28, fraction=1.0,
-                                     cache_dir=str(tmp_path / "cache")),
-                     model=ModelConfig(backbone="small_cnn"), train=TrainConfig(augment=augment))
+        cfg = Config(
+            data=DataConfig(
+                dataset="medmnist",
+                root=str(path),
+                image_size=28,
+                fraction=1.0,
+                cache_dir=str(tmp_path / "cache"),
+            ),
+            model=ModelConfig(backbone="small_cnn"),
+            train=TrainConfig(augment=augment),
+        )
         _, data, _ = build_run(cfg)
         return [data.labeled[0][0] for _ in range(6)]
 
@@ -184,12 +236,20 @@ def test_train_augment_none_keeps_the_labeled_view_fixed(tmp_path: Path) -> None
 
 def _fake_run(folder: Path, root: str, backbone: str, seed: int, auc: float, acc: float) -> None:
     folder.mkdir(parents=True)
-    cfg = Config(seed=seed, data=DataConfig(dataset="medmnist", root=root, image_size=28, fraction=1.0),
-                 model=ModelConfig(backbone=backbone))
+    cfg = Config(
+        seed=seed,
+        data=DataConfig(dataset="medmnist", root=root, image_size=28, fraction=1.0),
+        model=ModelConfig(backbone=backbone),
+    )
     cfg.save(folder / "config.yaml")
     (folder / "split.json").write_text(json.dumps({"labeled": ["train:0"] * 546}))
-    metrics = {"test/roc_auc": auc, "test/accuracy": acc, "test/balanced_accuracy": acc,
-               "test_last/roc_auc": auc - 0.01, "test_last/accuracy": acc - 0.02}
+    metrics = {
+        "test/roc_auc": auc,
+        "test/accuracy": acc,
+        "test/balanced_accuracy": acc,
+        "test_last/roc_auc": auc - 0.01,
+        "test_last/accuracy": acc - 0.02,
+    }
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -207,4 +267,6 @@ def test_report_puts_the_published_row_beside_a_breastmnist_reproduction(tmp_pat
     _fake_run(tmp_path / "other" / "runs" / "s1", "/d/pneumoniamnist_64.npz", "resnet18_28", 0, 0.9, 0.8)
     assert published_comparison(tmp_path / "other") == ""
     cfg = yaml.safe_load((tmp_path / "exp" / "runs" / "s0" / "config.yaml").read_text())
-    assert cfg["train"]["augment"] == "weak" and cfg["data"]["drop_missing"] is False  # the new keys' defaults
+    assert (
+        cfg["train"]["augment"] == "weak" and cfg["data"]["drop_missing"] is False
+    )  # the new keys' defaults

@@ -35,7 +35,9 @@ SSL_METHODS = ["pseudo_label", "fixmatch", "mean_teacher", "gan_ssl"]
 
 def _params(name: str, **extra) -> dict:
     # A narrow generator keeps the GAN tests fast; the mechanics do not depend on its width.
-    return {"image_size": SIZE, "generator_width": 16, "latent_dim": 16, **extra} if name == "gan_ssl" else extra
+    return (
+        {"image_size": SIZE, "generator_width": 16, "latent_dim": 16, **extra} if name == "gan_ssl" else extra
+    )
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,7 +116,9 @@ def test_multilabel_confidence_mask_loss_and_logs_by_hand():
     assert targets.tolist() == [[1, 0, 0], [0, 1, 0]]
     assert mask.tolist() == [[1, 0, 1], [0, 1, 1]]
     # Per-finding thresholds: finding 1 needs 0.99 to be positive, finding 0 is negative below 0.4.
-    targets2, mask2 = confidence_targets(probs, True, torch.tensor([0.95, 0.99, 0.95]), torch.tensor([0.4, 0.05, 0.05]))
+    targets2, mask2 = confidence_targets(
+        probs, True, torch.tensor([0.95, 0.99, 0.95]), torch.tensor([0.4, 0.05, 0.05])
+    )
     assert mask2.tolist() == [[1, 0, 1], [1, 0, 1]]
     assert targets2.tolist() == [[1, 0, 0], [0, 0, 0]]
     true = torch.tensor([[1.0, 1.0, float("nan")], [0.0, 0.0, 1.0]])
@@ -147,6 +151,10 @@ def test_ema_update_by_hand():
     student.num_batches_tracked.fill_(7)
     ema_update_(teacher, student, 0.75)
     assert teacher.weight.tolist() == pytest.approx([0.25, 1.5])  # 0.75 * t + 0.25 * s
+    # By default the teacher keeps its own BatchNorm statistics.
+    assert teacher.running_mean.tolist() == [0.0, 0.0] and int(teacher.num_batches_tracked) == 0
+    ema_update_(teacher, student, 0.75, buffers=True)
+    assert teacher.weight.tolist() == pytest.approx([0.4375, 1.875])
     assert teacher.running_mean.tolist() == pytest.approx([1.0, 2.0])
     assert int(teacher.num_batches_tracked) == 7
 
@@ -231,28 +239,35 @@ def test_fixmatch_targets_come_from_the_weak_view_and_the_loss_from_the_strong_o
 def test_mean_teacher_teacher_is_the_ema_of_the_student_by_hand(multilabel: bool):
     method = _method("mean_teacher", multilabel, ema_decay=0.6)
     method.train()
-    assert not method.teacher.training
-    assert all(torch.equal(t, s) for t, s in zip(method.teacher.state_dict().values(),
-                                                 method.model.state_dict().values(), strict=True))
+    assert method.teacher.training  # batch statistics for the targets, as in the paper's code
+    assert all(
+        torch.equal(t, s)
+        for t, s in zip(method.teacher.state_dict().values(), method.model.state_dict().values(), strict=True)
+    )
     optimizer = torch.optim.SGD(method.parameter_groups()[0]["params"], lr=0.5)
     # α after update t: min(1 - 1/(t+1), 0.6) -> 1/2, then 0.6 (capped, not 2/3).
     for step, alpha in ((0, 0.5), (1, 0.6)):
         teacher_before = copy.deepcopy(method.teacher.state_dict())
-        out = _step(method, _batch(multilabel, seed=step), step=step)
+        batch = _batch(multilabel, seed=step)
+        out = _step(method, batch, step=step)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         method.after_optimizer_step(step)
-        student = method.model.state_dict()
-        for key, value in method.teacher.state_dict().items():
-            if value.is_floating_point():
-                expected = alpha * teacher_before[key] + (1 - alpha) * student[key]
-                torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
-            else:
-                assert torch.equal(value, student[key]), key
+        student = dict(method.model.named_parameters())
+        for key, value in method.teacher.named_parameters():
+            expected = alpha * teacher_before[key] + (1 - alpha) * student[key]
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
+        # BatchNorm statistics are the teacher's own: its first BN saw conv(u_weak) with the pre-update weights,
+        # momentum 0.1.
+        conv = teacher_before["features.0.0.weight"]
+        batch_mean = nn.functional.conv2d(batch.u_weak, conv, padding=1).mean(dim=(0, 2, 3))
+        expected_mean = 0.9 * teacher_before["features.0.1.running_mean"] + 0.1 * batch_mean
+        torch.testing.assert_close(method.teacher.state_dict()["features.0.1.running_mean"], expected_mean)
         assert out.logs["ema_decay"] == pytest.approx(alpha)
-    # The student moved, so teacher and student now differ; evaluation uses the teacher.
+    # The student moved, so teacher and student now differ; evaluation uses the teacher (in eval mode).
     method.eval()
+    assert not method.teacher.training
     x = _batch(multilabel).x
     with torch.no_grad():
         assert torch.allclose(method.predict(x), method.teacher(x))
@@ -308,7 +323,9 @@ def test_mean_teacher_under_a_ddp_wrapper_updates_from_the_unwrapped_student():
 # ------------------------------------------------------------------------------------------------ GAN-SSL
 
 
-@pytest.mark.parametrize(("size", "side", "ups"), [(28, 7, 2), (32, 4, 3), (64, 4, 4), (224, 7, 5), (6, 6, 0)])
+@pytest.mark.parametrize(
+    ("size", "side", "ups"), [(28, 7, 2), (32, 4, 3), (64, 4, 4), (224, 7, 5), (6, 6, 0)]
+)
 def test_generator_is_sized_to_the_image(size: int, side: int, ups: int):
     assert seed_side(size) == (side, ups)
     for channels in (1, 3):
@@ -321,8 +338,9 @@ def test_gan_ssl_needs_the_image_size_and_checks_it():
     with pytest.raises(SemimedError, match="image_size"):
         create_method("gan_ssl", create_backbone("small_cnn", 2, 3), 2, False)
     method = _method("gan_ssl", False)
-    bigger = Batch(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), torch.randn(4, 3, 32, 32),
-                   torch.randn(4, 3, 32, 32))
+    bigger = Batch(
+        torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    )
     with pytest.raises(SemimedError, match="data.image_size"):
         method.train_step(bigger, 0)
     assert method.generator.channels == 3
@@ -443,17 +461,24 @@ def _run_data(multilabel: bool, n: int = 40) -> RunData:
     targets = torch.from_numpy(labels)
     rows = np.arange(n)
     weak, strong, none = (build_transform(kind, SIZE) for kind in ("weak", "strong", "none"))
-    return RunData(labeled=ImageView(pixels, targets, rows[:8], weak),
-                   unlabeled=TwoView(pixels, targets, rows[8:28], weak, strong),
-                   val=ImageView(pixels, targets, rows[28:34], none), test=ImageView(pixels, targets, rows[34:], none),
-                   classes=classes, multilabel=multilabel, targets=labels)
+    return RunData(
+        labeled=ImageView(pixels, targets, rows[:8], weak),
+        unlabeled=TwoView(pixels, targets, rows[8:28], weak, strong),
+        val=ImageView(pixels, targets, rows[28:34], none),
+        test=ImageView(pixels, targets, rows[34:], none),
+        classes=classes,
+        multilabel=multilabel,
+        targets=labels,
+    )
 
 
 @pytest.mark.parametrize("name", SSL_METHODS)
 def test_fit_runs_checkpoints_and_resumes_each_method(name: str, tmp_path):
     from semimed.config import TrainConfig
 
-    cfg = TrainConfig(steps=4, batch_size=4, unlabeled_ratio=2, eval_every=2, checkpoint_every=2, device="cpu")
+    cfg = TrainConfig(
+        steps=4, batch_size=4, unlabeled_ratio=2, eval_every=2, checkpoint_every=2, device="cpu"
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         final = fit(_method(name, False), _run_data(False), cfg, run_dir=tmp_path, show_progress=False)
@@ -467,7 +492,9 @@ def test_fit_runs_checkpoints_and_resumes_each_method(name: str, tmp_path):
         assert any("teacher." in key for key in state["method"])
     if name == "gan_ssl":
         assert state["method"]["_extra_state"]["generator_optimizer"]["state"]  # G's Adam moments are saved
-    longer = TrainConfig(steps=6, batch_size=4, unlabeled_ratio=2, eval_every=2, checkpoint_every=2, device="cpu")
+    longer = TrainConfig(
+        steps=6, batch_size=4, unlabeled_ratio=2, eval_every=2, checkpoint_every=2, device="cpu"
+    )
     again = fit(resumed, _run_data(False), longer, run_dir=tmp_path, show_progress=False)
     assert again["resumed_from_step"] == 4 and again["step"] == 6
 
@@ -475,7 +502,9 @@ def test_fit_runs_checkpoints_and_resumes_each_method(name: str, tmp_path):
 def test_fit_multilabel_ssl_smoke(tmp_path):
     from semimed.config import TrainConfig
 
-    cfg = TrainConfig(steps=2, batch_size=4, unlabeled_ratio=2, eval_every=2, checkpoint_every=2, device="cpu")
+    cfg = TrainConfig(
+        steps=2, batch_size=4, unlabeled_ratio=2, eval_every=2, checkpoint_every=2, device="cpu"
+    )
     for name in SSL_METHODS:
         final = fit(_method(name, True), _run_data(True), cfg, show_progress=False)
         assert np.isfinite(final["train/loss"]), name
@@ -484,10 +513,13 @@ def test_fit_multilabel_ssl_smoke(tmp_path):
 # ------------------------------------------------------------------------------------------ search spaces
 
 
-@pytest.mark.parametrize(("space", "num_classes", "multilabel"), [
-    ("breakhis_ssl", 2, False), ("chestxray14_ssl", 14, True), ("medmnist_ssl", 2, False)])
-def test_ssl_search_spaces_build_every_method_with_the_matched_control(space: str, num_classes: int,
-                                                                        multilabel: bool):
+@pytest.mark.parametrize(
+    ("space", "num_classes", "multilabel"),
+    [("breakhis_ssl", 2, False), ("chestxray14_ssl", 14, True), ("medmnist_ssl", 2, False)],
+)
+def test_ssl_search_spaces_build_every_method_with_the_matched_control(
+    space: str, num_classes: int, multilabel: bool
+):
     from pathlib import Path
 
     from semimed.tune import load_search_space
@@ -498,13 +530,20 @@ def test_ssl_search_spaces_build_every_method_with_the_matched_control(space: st
     assert names == {"supervised", *SSL_METHODS}
     # The control and the SSL methods differ only in the method: same data, model and training settings.
     for field in ("data", "model", "train"):
-        assert len({(repr(getattr(cfg, field)), cfg.seed) for cfg in configs if cfg.data.fraction == 0.1}) == 3
+        assert (
+            len({(repr(getattr(cfg, field)), cfg.seed) for cfg in configs if cfg.data.fraction == 0.1}) == 3
+        )
     assert {cfg.seed for cfg in configs} == {0, 1, 2}
     for cfg in configs:
         if cfg.method.name == "gan_ssl":
             assert cfg.method.params["image_size"] == cfg.data.image_size
-        create_method(cfg.method.name, create_backbone("small_cnn", num_classes, 1), num_classes, multilabel,
-                      **cfg.method.params)
+        create_method(
+            cfg.method.name,
+            create_backbone("small_cnn", num_classes, 1),
+            num_classes,
+            multilabel,
+            **cfg.method.params,
+        )
 
 
 @pytest.mark.gpu
@@ -517,8 +556,15 @@ def test_fit_and_resume_on_cuda(name: str, amp: str, tmp_path):
     from semimed.config import TrainConfig
 
     def cfg(steps: int) -> TrainConfig:
-        return TrainConfig(steps=steps, batch_size=4, unlabeled_ratio=2, eval_every=2, checkpoint_every=2,
-                           device="cuda", amp=amp)
+        return TrainConfig(
+            steps=steps,
+            batch_size=4,
+            unlabeled_ratio=2,
+            eval_every=2,
+            checkpoint_every=2,
+            device="cuda",
+            amp=amp,
+        )
 
     final = fit(_method(name, False), _run_data(False), cfg(2), run_dir=tmp_path, show_progress=False)
     assert np.isfinite(final["train/loss"])

@@ -1,18 +1,20 @@
 """Learning check on the demo data: SSL methods against the matched supervised control, one seed, same budget.
 
-What was measured before writing the assertions (docs/benchmarks.md, "## Methods"): on the synthetic
-BreakHis-format demo (small CNN, 32 px, 5% labels = 22 images, 150-400 steps), the paired val ROC-AUC difference
-SSL − supervised ranged from about −0.07 to +0.18 for FixMatch and about −0.3 to +0.16 for pseudo-label over
-seeds, settings and demo sizes; FixMatch was ahead in most pairs, pseudo-label in about half. The val set holds
-4 patients (96 images), so one patient's stain moves the AUC by more than the SSL effect. "SSL beats the
-control" is therefore NOT a robust fact at this scale, and this test does not assert it.
+Measured before writing the assertions (docs/benchmarks.md, "## Methods"; val ROC-AUC at the last step,
+write_demo's default data, 5% labels = 22 images, the settings below, seeds 0/1/2):
 
-What it asserts instead, for seed 0 (all true across the seeds measured):
-- every run learns (val AUC well above chance);
-- the unlabeled term is active and informative: most unlabeled images get a pseudo-label, and the confident
-  pseudo-labels are right far more often than the 50% of a balanced coin (their accuracy is logged, never
-  trained on);
-- neither SSL method falls more than 0.1 val AUC below the control (its worst measured pair at these settings).
+    supervised                  0.724  0.817  0.788
+    fixmatch (threshold 0.9)    0.795  0.995  0.840   ahead in 3/3 (+0.07 +0.18 +0.05)
+    fixmatch (threshold 0.95)   0.855  1.000  0.840   ahead in 3/3
+    pseudo_label (threshold 0)  0.659  0.973  0.715   ahead in 1/3 (-0.07 +0.16 -0.07)
+
+The val set is 4 patients (96 images): one patient's stain moves the AUC by more than the SSL effect. On demo
+variants with larger val sets (64 and 96 patients, 13-20 val patients) FixMatch was ahead in 5 of 9 pairs and
+pseudo-label (threshold 0) in 4 of 6; on the larger test set pseudo-label was ahead in 3/3 above.
+So: FixMatch beats the control at this setting (asserted); pseudo-label does not reliably (NOT asserted: it is
+asserted to stay within the measured spread, −0.1, of the control instead). Every run learns, and both methods' unlabeled term is
+active and informative: most unlabeled images get a pseudo-label and the confident ones are right far more
+often than a coin on these balanced classes (their accuracy is logged from the hidden labels, never trained on).
 The numbers of the run are printed (pytest -s) and carried in the assertion messages.
 """
 
@@ -59,13 +61,17 @@ def results(demo_roots, tmp_path_factory) -> dict[str, dict]:
     torch.set_num_threads(1)  # tiny network on a shared 2-core machine: one thread is fastest
     try:
         for name, extra in METHODS.items():
-            cfg = load_config(None, [f"data.root={demo_roots['breakhis']}", f"method.name={name}", *COMMON, *extra])
+            cfg = load_config(
+                None, [f"data.root={demo_roots['breakhis']}", f"method.name={name}", *COMMON, *extra]
+            )
             out[name] = run_training(cfg, tmp_path_factory.mktemp(name), show_progress=False)
     finally:
         torch.set_num_threads(threads)
     for name, final in out.items():
-        print(f"{name}: val/roc_auc={final['val/roc_auc']:.3f} test_last/roc_auc={final['test_last/roc_auc']:.3f} "
-              f"mask_rate={final.get('train/mask_rate')} pseudo_acc={final.get('train/pseudo_acc')}")
+        print(
+            f"{name}: val/roc_auc={final['val/roc_auc']:.3f} test_last/roc_auc={final['test_last/roc_auc']:.3f} "
+            f"mask_rate={final.get('train/mask_rate')} pseudo_acc={final.get('train/pseudo_acc')}"
+        )
     return out
 
 
@@ -86,3 +92,8 @@ def test_unlabeled_term_is_active_and_its_pseudo_labels_are_informative(results,
 def test_ssl_is_not_worse_than_the_matched_control_beyond_the_measured_spread(results, name):
     ssl, control = results[name]["val/roc_auc"], results["supervised"]["val/roc_auc"]
     assert ssl >= control - 0.1, f"{name} {ssl:.3f} vs supervised {control:.3f}"
+
+
+def test_fixmatch_beats_the_matched_control_on_val(results):
+    ssl, control = results["fixmatch"]["val/roc_auc"], results["supervised"]["val/roc_auc"]
+    assert ssl > control, f"fixmatch {ssl:.3f} vs supervised {control:.3f}"

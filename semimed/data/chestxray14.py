@@ -67,9 +67,21 @@ VIEWS = ("PA", "AP")
 TOTAL_IMAGES, TOTAL_PATIENTS = 112_120, 30_805
 # Per-finding image counts of Data_Entry_2017_v2020 (all 112,120 rows), as published with the release.
 PUBLISHED_COUNTS: dict[str, int] = {
-    "Atelectasis": 11_559, "Cardiomegaly": 2_776, "Effusion": 13_317, "Infiltration": 19_894, "Mass": 5_782,
-    "Nodule": 6_331, "Pneumonia": 1_431, "Pneumothorax": 5_302, "Consolidation": 4_667, "Edema": 2_303,
-    "Emphysema": 2_516, "Fibrosis": 1_686, "Pleural_Thickening": 3_385, "Hernia": 227, NO_FINDING: 60_361,
+    "Atelectasis": 11_559,
+    "Cardiomegaly": 2_776,
+    "Effusion": 13_317,
+    "Infiltration": 19_894,
+    "Mass": 5_782,
+    "Nodule": 6_331,
+    "Pneumonia": 1_431,
+    "Pneumothorax": 5_302,
+    "Consolidation": 4_667,
+    "Edema": 2_303,
+    "Emphysema": 2_516,
+    "Fibrosis": 1_686,
+    "Pleural_Thickening": 3_385,
+    "Hernia": 227,
+    NO_FINDING: 60_361,
 }
 _REQUIRED = ("Image Index", "Finding Labels", "Patient ID", "View Position")
 _OPTIONAL = {"Follow-up #": "follow_up", "Patient Age": "age", "Patient Gender": "gender"}
@@ -116,7 +128,9 @@ def find_metadata(root: Path, found: dict[str, list[tuple[int, str]]]) -> tuple[
         if rel is not None:
             candidates.append((len(Path(rel).parts), preference, rel))
     if not candidates:
-        raise SemimedError(f"{root}: no ChestX-ray14 metadata ({' or '.join(METADATA_NAMES)}) under this folder")
+        raise SemimedError(
+            f"{root}: no ChestX-ray14 metadata ({' or '.join(METADATA_NAMES)}) under this folder"
+        )
     candidates.sort()
     notes = []
     if len(candidates) > 1:
@@ -146,12 +160,14 @@ def read_metadata(path: Path) -> pd.DataFrame:
     missing = [column for column in _REQUIRED if column not in table.columns]
     if missing:
         raise SemimedError(f"{path}: lacks column(s) {', '.join(map(repr, missing))}")
-    out = pd.DataFrame({
-        "image_index": table["Image Index"].astype(str).str.strip(),
-        "finding_labels": table["Finding Labels"].astype(str).str.strip(),
-        "patient_id": table["Patient ID"],
-        "view": table["View Position"].astype(str).str.strip().str.upper(),
-    })
+    out = pd.DataFrame(
+        {
+            "image_index": table["Image Index"].astype(str).str.strip(),
+            "finding_labels": table["Finding Labels"].astype(str).str.strip(),
+            "patient_id": table["Patient ID"],
+            "view": table["View Position"].astype(str).str.strip().str.upper(),
+        }
+    )
     for column, name in _OPTIONAL.items():
         if column in table.columns:
             out[name] = table[column]
@@ -164,8 +180,10 @@ def read_metadata(path: Path) -> pd.DataFrame:
     bad = names.str.contains(r"[/\\]", regex=True) | names.isin(["", ".", ".."]) | names.str.startswith(".")
     if bad.any():
         first = int(np.flatnonzero(bad.to_numpy())[0])
-        raise SemimedError(f"{line(first)}: image name {names.iat[first]!r} is not a plain file name "
-                           "(it would escape the data root)")
+        raise SemimedError(
+            f"{line(first)}: image name {names.iat[first]!r} is not a plain file name "
+            "(it would escape the data root)"
+        )
     duplicated = names.duplicated()
     if duplicated.any():
         first = int(np.flatnonzero(duplicated.to_numpy())[0])
@@ -190,7 +208,7 @@ def _line(path: Path, position: int) -> str:
 
 
 def parse_findings(labels: pd.Series, where) -> np.ndarray:
-    """"Effusion|Mass" strings -> float32 [N, 14] in FINDINGS order; "No Finding" -> all zeros.
+    """ "Effusion|Mass" strings -> float32 [N, 14] in FINDINGS order; "No Finding" -> all zeros.
 
     `where(i)` names row i in error messages. The release has only ~800 distinct label strings, so each distinct
     string is parsed once (a per-row split of 112k rows costs seconds).
@@ -266,18 +284,24 @@ def load_chestxray14(root: str | Path, view: str = "all", drop_missing: bool = F
     train_val_rel = _shallowest(found, TRAIN_VAL_LIST, root)
     if train_val_rel is not None:
         in_train_val = table["image_index"].isin(_read_list(root / train_val_rel)).to_numpy()
-        for mask, problem in ((in_test & in_train_val, f"is in both {TEST_LIST} and {TRAIN_VAL_LIST}"),
-                              (~in_test & ~in_train_val, f"is in neither {TEST_LIST} nor {TRAIN_VAL_LIST}")):
+        for mask, problem in (
+            (in_test & in_train_val, f"is in both {TEST_LIST} and {TRAIN_VAL_LIST}"),
+            (~in_test & ~in_train_val, f"is in neither {TEST_LIST} nor {TRAIN_VAL_LIST}"),
+        ):
             if mask.any():
                 first = int(np.flatnonzero(mask)[0])
                 raise SemimedError(f"{line(first)}: image {table['image_index'].iat[first]!r} {problem}")
     official = np.where(in_test, "test", "train")
     # Patient-disjointness of the official lists is the premise of every ChestX-ray14 number; check, not trust.
-    sides = pd.DataFrame({"patient": table["patient_id"], "test": in_test}).groupby("patient")["test"].nunique()
+    sides = (
+        pd.DataFrame({"patient": table["patient_id"], "test": in_test}).groupby("patient")["test"].nunique()
+    )
     if (sides > 1).any():
         patient = int(sides.index[(sides > 1).to_numpy()][0])
-        raise SemimedError(f"{root / test_rel}: patient {patient} has images in both the test and the "
-                           "train_val list (the official lists are patient-disjoint)")
+        raise SemimedError(
+            f"{root / test_rel}: patient {patient} has images in both the test and the "
+            "train_val list (the official lists are patient-disjoint)"
+        )
 
     keep = np.ones(len(table), dtype=bool)
     if wanted_view is not None:
@@ -288,13 +312,18 @@ def load_chestxray14(root: str | Path, view: str = "all", drop_missing: bool = F
     dropped = int(missing.sum())
     if dropped:
         examples = names[missing][:_EXAMPLES].tolist()
-        message = (f"{root / metadata_rel}: {dropped} of {int(keep.sum())} rows name an image not found under "
-                   f"{root} (first: {', '.join(examples)})")
+        message = (
+            f"{root / metadata_rel}: {dropped} of {int(keep.sum())} rows name an image not found under "
+            f"{root} (first: {', '.join(examples)})"
+        )
         if not drop_missing:
-            raise SemimedError(f"{message}; set data.drop_missing=true (semimed prepare --drop-missing) "
-                               "to drop them")
-        note = (f"dropped {dropped} of {int(keep.sum())} metadata rows whose image is missing "
-                f"(drop_missing; first: {', '.join(examples)})")
+            raise SemimedError(
+                f"{message}; set data.drop_missing=true (semimed prepare --drop-missing) to drop them"
+            )
+        note = (
+            f"dropped {dropped} of {int(keep.sum())} metadata rows whose image is missing "
+            f"(drop_missing; first: {', '.join(examples)})"
+        )
         warnings.warn(note, RuntimeWarning, stacklevel=2)
         notes.append(note)
         keep &= present
@@ -311,8 +340,10 @@ def load_chestxray14(root: str | Path, view: str = "all", drop_missing: bool = F
             duplicated += 1
         paths.append(copies[0] if len(copies) == 1 else _pick_copy(root, copies))
     if duplicated:
-        message = (f"{duplicated} image name(s) occur more than once under {root}; "
-                   "using the copy with the most pixels of each")
+        message = (
+            f"{duplicated} image name(s) occur more than once under {root}; "
+            "using the copy with the most pixels of each"
+        )
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         notes.append(message)
 

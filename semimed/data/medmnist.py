@@ -32,11 +32,26 @@ CLASSES: dict[str, list[str]] = {
     "breastmnist": ["malignant", "normal_benign"],
     "pneumoniamnist": ["normal", "pneumonia"],
     "chestmnist": list(FINDINGS),
-    "pathmnist": ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth_muscle",
-                  "normal_colon_mucosa", "cancer_associated_stroma", "colorectal_adenocarcinoma_epithelium"],
-    "dermamnist": ["actinic_keratoses_and_intraepithelial_carcinoma", "basal_cell_carcinoma",
-                   "benign_keratosis_like_lesions", "dermatofibroma", "melanoma", "melanocytic_nevi",
-                   "vascular_lesions"],
+    "pathmnist": [
+        "adipose",
+        "background",
+        "debris",
+        "lymphocytes",
+        "mucus",
+        "smooth_muscle",
+        "normal_colon_mucosa",
+        "cancer_associated_stroma",
+        "colorectal_adenocarcinoma_epithelium",
+    ],
+    "dermamnist": [
+        "actinic_keratoses_and_intraepithelial_carcinoma",
+        "basal_cell_carcinoma",
+        "benign_keratosis_like_lesions",
+        "dermatofibroma",
+        "melanoma",
+        "melanocytic_nevi",
+        "vascular_lesions",
+    ],
     "octmnist": ["choroidal_neovascularization", "diabetic_macular_edema", "drusen", "normal"],
     "retinamnist": ["grade_0", "grade_1", "grade_2", "grade_3", "grade_4"],
 }
@@ -50,8 +65,10 @@ KNOWN_COUNTS: dict[str, tuple[int, int, int]] = {
     "octmnist": (97477, 10832, 1000),
     "retinamnist": (1080, 120, 400),
 }
-NO_PATIENT_NOTE = ("MedMNIST .npz files carry no patient ids: each image counts as its own patient, so "
-                   "patient-disjointness cannot be checked; the official train/val/test split is used as released")
+NO_PATIENT_NOTE = (
+    "MedMNIST .npz files carry no patient ids: each image counts as its own patient, so "
+    "patient-disjointness cannot be checked; the official train/val/test split is used as released"
+)
 
 
 def medmnist_flag(path: str | Path) -> str:
@@ -108,7 +125,9 @@ def _open(path: Path):
 
 def _array(npz, path: Path, key: str) -> np.ndarray:
     if key not in npz.files:
-        raise SemimedError(f"{path}: no {key!r} array (a MedMNIST .npz has {{train,val,test}}_images and _labels)")
+        raise SemimedError(
+            f"{path}: no {key!r} array (a MedMNIST .npz has {{train,val,test}}_images and _labels)"
+        )
     try:
         return npz[key]
     except (OSError, ValueError) as exc:
@@ -118,11 +137,17 @@ def _array(npz, path: Path, key: str) -> np.ndarray:
 def _header(npz, path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of one array, read from its .npy header without decompressing the data."""
     if key not in npz.files:
-        raise SemimedError(f"{path}: no {key!r} array (a MedMNIST .npz has {{train,val,test}}_images and _labels)")
+        raise SemimedError(
+            f"{path}: no {key!r} array (a MedMNIST .npz has {{train,val,test}}_images and _labels)"
+        )
     try:
         with npz.zip.open(f"{key}.npy") as handle:
             version = np.lib.format.read_magic(handle)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, _, dtype = read(handle)
     except (OSError, ValueError, KeyError) as exc:
         raise SemimedError(f"{path}: cannot read {key!r} ({exc})") from None
@@ -131,7 +156,9 @@ def _header(npz, path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
 
 def _check_images(path: Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
     if dtype != np.uint8 or not (len(shape) == 3 or (len(shape) == 4 and shape[3] in (1, 3))):
-        raise SemimedError(f"{path}: {key!r} is {dtype} {list(shape)}; expected uint8 [N, H, W] or [N, H, W, 3]")
+        raise SemimedError(
+            f"{path}: {key!r} is {dtype} {list(shape)}; expected uint8 [N, H, W] or [N, H, W, 3]"
+        )
 
 
 def _images(npz, path: Path, split: str) -> np.ndarray:
@@ -153,8 +180,9 @@ def load_medmnist(root: str | Path) -> LabeledImageSet:
             _check_images(path, f"{split}_images", shape, dtype)
             split_labels = _array(npz, path, f"{split}_labels")
             if len(split_labels) != shape[0]:
-                raise SemimedError(f"{path}: {split}_labels has {len(split_labels)} rows but {split}_images "
-                                   f"has {shape[0]}")
+                raise SemimedError(
+                    f"{path}: {split}_labels has {len(split_labels)} rows but {split}_images has {shape[0]}"
+                )
             offsets[split] = sum(len(x) for x in labels)
             labels.append(split_labels.reshape(len(split_labels), -1))
             shapes.append(shape[1:])
@@ -173,8 +201,9 @@ def load_medmnist(root: str | Path) -> LabeledImageSet:
     if multilabel:
         classes = known or [f"class_{k}" for k in range(matrix.shape[1])]
         if len(classes) != matrix.shape[1]:
-            raise SemimedError(f"{path}: {flag} has {len(classes)} findings but the labels have {matrix.shape[1]} "
-                               "columns")
+            raise SemimedError(
+                f"{path}: {flag} has {len(classes)} findings but the labels have {matrix.shape[1]} columns"
+            )
         targets = matrix.astype(np.float32)
     else:
         values = matrix[:, 0]
@@ -182,8 +211,10 @@ def load_medmnist(root: str | Path) -> LabeledImageSet:
             raise SemimedError(f"{path}: single-label labels must be non-negative integers")
         classes = known or [f"class_{k}" for k in range(int(values.max()) + 1)]
         if values.max() >= len(classes):
-            raise SemimedError(f"{path}: label {int(values.max())} is out of range for {flag}'s "
-                               f"{len(classes)} classes ({', '.join(classes)})")
+            raise SemimedError(
+                f"{path}: label {int(values.max())} is out of range for {flag}'s "
+                f"{len(classes)} classes ({', '.join(classes)})"
+            )
         targets = values.astype(np.int64)
 
     official_split = np.array(official)
@@ -213,13 +244,16 @@ def download_medmnist(flag: str, folder: str | Path, size: int = 28) -> Path:
     """
     if size not in SIZES:
         raise SemimedError(f"medmnist: size {size} is not one of {', '.join(map(str, SIZES))}")
-    manual = (f"download {flag}{'' if size == 28 else f'_{size}'}.npz from the MedMNIST Zenodo record and pass "
-              "its path as --root / data.root")
+    manual = (
+        f"download {flag}{'' if size == 28 else f'_{size}'}.npz from the MedMNIST Zenodo record and pass "
+        "its path as --root / data.root"
+    )
     try:
         import medmnist
     except ImportError:
-        raise SemimedError(f"medmnist: the 'medmnist' package is not installed (pip install medmnist), or "
-                           f"{manual}") from None
+        raise SemimedError(
+            f"medmnist: the 'medmnist' package is not installed (pip install medmnist), or {manual}"
+        ) from None
     info = getattr(medmnist, "INFO", {}).get(flag)
     if info is None:
         raise SemimedError(f"medmnist: unknown flag {flag!r}")

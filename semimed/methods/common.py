@@ -63,17 +63,24 @@ def ema_decay(updates: int, max_decay: float) -> float:
 
 
 @torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """In place: teacher = decay · teacher + (1 − decay) · student, for parameters and float buffers
-    (BatchNorm running statistics, so the teacher's eval-mode normalisation follows its own weights);
-    integer buffers (`num_batches_tracked`) are copied. `student` must be the unwrapped network."""
+def ema_update_(teacher: nn.Module, student: nn.Module, decay: float, buffers: bool = False) -> None:
+    """In place: teacher = decay · teacher + (1 − decay) · student over the parameters. `student` must be the
+    unwrapped network.
+
+    Buffers (BatchNorm running statistics) are left alone by default: averaged weights do not produce the
+    activations whose averaged statistics the student's buffers hold (why SWA recomputes them), so a Mean
+    Teacher keeps the statistics of its own forward passes, as in the paper's code. `buffers=True` averages
+    float buffers the same way and copies integer ones (for a teacher that never runs in train mode).
+    """
     teacher_params, student_params = dict(teacher.named_parameters()), dict(student.named_parameters())
-    teacher_buffers, student_buffers = dict(teacher.named_buffers()), dict(student.named_buffers())
-    if teacher_params.keys() != student_params.keys() or teacher_buffers.keys() != student_buffers.keys():
+    if teacher_params.keys() != student_params.keys():
         raise SemimedError("EMA teacher and student have different architectures (a DDP-wrapped student?)")
     for name, value in teacher_params.items():
         value.lerp_(student_params[name].detach(), 1.0 - decay)  # t + (1-d)(s - t) = d t + (1-d) s
-    for name, value in teacher_buffers.items():
+    if not buffers:
+        return
+    student_buffers = dict(student.named_buffers())
+    for name, value in teacher.named_buffers():
         if value.is_floating_point():
             value.lerp_(student_buffers[name], 1.0 - decay)
         else:
@@ -83,24 +90,33 @@ def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 # ------------------------------------------------------------------------------------------ confidence masks
 
 
-def threshold_tensor(value: float | Sequence[float], num_classes: int, multilabel: bool, name: str) -> torch.Tensor:
+def threshold_tensor(
+    value: float | Sequence[float], num_classes: int, multilabel: bool, name: str
+) -> torch.Tensor:
     """A threshold as a float tensor: scalar [] or, for multi-label targets only, one per finding [K].
 
     Raises with the parameter's name when a value is outside [0, 1] or a list has the wrong length.
     """
     if isinstance(value, (list, tuple)):
         if not multilabel:
-            raise SemimedError(f"{name}: one threshold per class is only for multi-label targets; give one number")
+            raise SemimedError(
+                f"{name}: one threshold per class is only for multi-label targets; give one number"
+            )
         if len(value) != num_classes:
             raise SemimedError(f"{name}: {len(value)} thresholds for {num_classes} findings")
     tensor = torch.as_tensor(value, dtype=torch.float32)
     if tensor.ndim > 1 or not bool(((tensor >= 0) & (tensor <= 1)).all()):
-        raise SemimedError(f"{name}: {value!r} must be a number (or, multi-label, a list of numbers) in [0, 1]")
+        raise SemimedError(
+            f"{name}: {value!r} must be a number (or, multi-label, a list of numbers) in [0, 1]"
+        )
     return tensor
 
 
 def confidence_targets(
-    probs: torch.Tensor, multilabel: bool, threshold: torch.Tensor, negative_threshold: torch.Tensor | None = None
+    probs: torch.Tensor,
+    multilabel: bool,
+    threshold: torch.Tensor,
+    negative_threshold: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard pseudo-labels and the mask of the confident ones, from detached probabilities [N, K].
 
@@ -121,7 +137,9 @@ def confidence_targets(
     return positive.float(), (positive | confident_negative).float()
 
 
-def pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, multilabel: bool) -> torch.Tensor:
+def pseudo_label_loss(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, multilabel: bool
+) -> torch.Tensor:
     """Cross-entropy (single-label) or BCE (multi-label) to hard pseudo-labels, masked, averaged over ALL
     unlabeled entries — FixMatch's 1/(μB) normalisation, so the term grows with the share of confident ones.
 

@@ -52,21 +52,32 @@ class FixMatch(Method):
             raise SemimedError("fixmatch: negative_threshold is only for multi-label targets")
         if lambda_u < 0:
             raise SemimedError(f"fixmatch: lambda_u={lambda_u} must be >= 0")
-        self.register_buffer("threshold", threshold_tensor(threshold, num_classes, multilabel, "threshold"),
-                             persistent=False)
-        negative = None if negative_threshold is None else threshold_tensor(
-            negative_threshold, num_classes, multilabel, "negative_threshold")
+        self.register_buffer(
+            "threshold", threshold_tensor(threshold, num_classes, multilabel, "threshold"), persistent=False
+        )
+        negative = (
+            None
+            if negative_threshold is None
+            else threshold_tensor(negative_threshold, num_classes, multilabel, "negative_threshold")
+        )
         self.register_buffer("negative_threshold", negative, persistent=False)
         self.lambda_u = float(lambda_u)
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         n, m = len(batch.x), len(batch.u_weak)
         logits = self.model(torch.cat([batch.x, batch.u_weak, batch.u_strong]))
-        logits_x, logits_weak, logits_strong = logits[:n], logits[n:n + m], logits[n + m:]
+        logits_x, logits_weak, logits_strong = logits[:n], logits[n : n + m], logits[n + m :]
         sup = supervised_loss(logits_x, batch.y, self.multilabel)
-        targets, mask = confidence_targets(probabilities(logits_weak.detach(), self.multilabel), self.multilabel,
-                                           self.threshold, self.negative_threshold)
+        targets, mask = confidence_targets(
+            probabilities(logits_weak.detach(), self.multilabel),
+            self.multilabel,
+            self.threshold,
+            self.negative_threshold,
+        )
         unsup = pseudo_label_loss(logits_strong, targets, mask, self.multilabel)
-        logs = {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(),
-                **pseudo_label_logs(targets, mask, batch.u_true, self.multilabel)}
+        logs = {
+            "sup_loss": sup.detach(),
+            "unsup_loss": unsup.detach(),
+            **pseudo_label_logs(targets, mask, batch.u_true, self.multilabel),
+        }
         return StepOutput(sup + self.lambda_u * unsup, logs)

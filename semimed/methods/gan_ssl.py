@@ -69,20 +69,26 @@ class GanSSL(Method):
     ) -> None:
         super().__init__(Discriminator(model, multilabel), num_classes, multilabel)
         if image_size is None:
-            raise SemimedError("gan_ssl: set method.params.image_size to data.image_size (it sizes the generator)")
+            raise SemimedError(
+                "gan_ssl: set method.params.image_size to data.image_size (it sizes the generator)"
+            )
         if channels is None:
             first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
             if first_conv is None:
-                raise SemimedError("gan_ssl: cannot infer the image channels from the backbone; set "
-                                   "method.params.channels")
+                raise SemimedError(
+                    "gan_ssl: cannot infer the image channels from the backbone; set method.params.channels"
+                )
             channels = first_conv.in_channels
         if lambda_u < 0 or generator_lr <= 0 or not 0 <= generator_beta1 < 1:
-            raise SemimedError(f"gan_ssl: lambda_u={lambda_u} must be >= 0, generator_lr={generator_lr} > 0, "
-                               f"generator_beta1={generator_beta1} in [0, 1)")
+            raise SemimedError(
+                f"gan_ssl: lambda_u={lambda_u} must be >= 0, generator_lr={generator_lr} > 0, "
+                f"generator_beta1={generator_beta1} in [0, 1)"
+            )
         self.image_size, self.latent_dim, self.lambda_u = int(image_size), int(latent_dim), float(lambda_u)
         self.generator = Generator(self.image_size, int(channels), self.latent_dim, int(generator_width))
-        self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=generator_lr,
-                                                    betas=(generator_beta1, 0.999))
+        self.generator_optimizer = torch.optim.Adam(
+            self.generator.parameters(), lr=generator_lr, betas=(generator_beta1, 0.999)
+        )
         # Optimizer state loaded from a checkpoint waits here until the first step: the engine loads state
         # before moving the method to its device, and Adam would keep the state on the CPU.
         self._pending_optimizer_state: dict[str, Any] | None = None
@@ -93,25 +99,32 @@ class GanSSL(Method):
         x, u = batch.x, batch.u_weak
         n, m = len(x), len(u)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            raise SemimedError(f"gan_ssl: method.params.image_size={self.image_size} but the images are "
-                               f"{x.shape[-2]}x{x.shape[-1]}; set it to data.image_size")
+            raise SemimedError(
+                f"gan_ssl: method.params.image_size={self.image_size} but the images are "
+                f"{x.shape[-2]}x{x.shape[-1]}; set it to data.image_size"
+            )
         # Drawn from the run's torch generator (seeded per run by run_training; never reseeded here).
         fake = self.generator(torch.randn(m, self.latent_dim, device=x.device)).to(x.dtype)
 
         # Discriminator: labeled, unlabeled and generated images in one BatchNorm batch; G(z) detached.
         logits, real, _ = self.model(torch.cat([x, u, fake.detach()]), with_features=True)
         sup = supervised_loss(logits[:n], batch.y, self.multilabel)
-        real_u, real_g = real[n:n + m], real[n + m:]
+        real_u, real_g = real[n : n + m], real[n + m :]
         unsup = 0.5 * (F.softplus(-real_u).mean() + F.softplus(real_g).mean())
 
         g_loss = self.feature_matching_loss(u, fake)
 
-        logits_u = logits[n:n + m].detach().float()
+        logits_u = logits[n : n + m].detach().float()
         predicted = (logits_u >= 0).float() if self.multilabel else logits_u.argmax(dim=1)
         everything = torch.ones_like(logits_u if self.multilabel else logits_u[:, 0])
-        logs = {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "g_loss": g_loss.detach(),
-                "d_real": torch.sigmoid(real_u.detach()).mean(), "d_fake": torch.sigmoid(real_g.detach()).mean(),
-                **pseudo_label_logs(predicted, everything, batch.u_true, self.multilabel)}
+        logs = {
+            "sup_loss": sup.detach(),
+            "unsup_loss": unsup.detach(),
+            "g_loss": g_loss.detach(),
+            "d_real": torch.sigmoid(real_u.detach()).mean(),
+            "d_fake": torch.sigmoid(real_g.detach()).mean(),
+            **pseudo_label_logs(predicted, everything, batch.u_true, self.multilabel),
+        }
         return StepOutput(sup + self.lambda_u * unsup + g_loss, logs)
 
     def feature_matching_loss(self, u: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -121,8 +134,9 @@ class GanSSL(Method):
         discriminator = unwrap(self.model)
         frozen = {name: p.detach() for name, p in discriminator.named_parameters()}
         frozen.update({name: b.clone() for name, b in discriminator.named_buffers()})
-        _, _, features = torch.func.functional_call(discriminator, frozen, (torch.cat([u, fake]),),
-                                                    {"with_features": True})
+        _, _, features = torch.func.functional_call(
+            discriminator, frozen, (torch.cat([u, fake]),), {"with_features": True}
+        )
         features = features.float()
         m = len(u)
         return ((features[:m].detach().mean(dim=0) - features[m:].mean(dim=0)) ** 2).mean()

@@ -30,10 +30,13 @@ class MeanTeacher(Method):
 
     Teacher: a deep copy of the (unwrapped) student with requires_grad False, updated after every optimizer
     step with decay α_t = min(1 − 1/(t + 1), `ema_decay`) after t updates (the paper's ramp: 1/2 after the
-    first update); BatchNorm running statistics are averaged the same way, and the teacher always runs in eval
-    mode. `predict` uses the teacher, which the paper found usually better than the student
-    (`evaluate_teacher=False` evaluates the student). Under DDP only the student is wrapped; each rank updates
-    its own, identical teacher.
+    first update). Only the parameters are averaged: the teacher runs in train mode during training, as in the
+    paper's code, so its BatchNorm uses batch statistics for the targets and its running statistics come from
+    its own forward passes (averaged student statistics do not match averaged weights; that mismatch made the
+    teacher's predictions worse than the student's in a first version). `predict` uses the teacher (eval mode),
+    which the paper found usually better than the student (`evaluate_teacher=False` evaluates the student).
+    Under DDP only the student is wrapped; each rank updates its own teacher (identical weights; BatchNorm
+    statistics from its own shard).
 
     Shapes: batch.x [B, C, H, W]; batch.u_weak / u_strong [μB, C, H, W]; logits [B + μB, K].
     Logs: sup_loss, unsup_loss, unsup_weight, ema_decay, mask_rate (always 1) and pseudo_acc (the teacher's
@@ -57,37 +60,42 @@ class MeanTeacher(Method):
         if not 0.0 <= ema_decay < 1.0:
             raise SemimedError(f"mean_teacher: ema_decay={ema_decay} must be in [0, 1)")
         if lambda_u < 0 or rampup_steps < 0:
-            raise SemimedError(f"mean_teacher: lambda_u={lambda_u} and rampup_steps={rampup_steps} must be >= 0")
+            raise SemimedError(
+                f"mean_teacher: lambda_u={lambda_u} and rampup_steps={rampup_steps} must be >= 0"
+            )
         if student_view not in STUDENT_VIEWS:
-            raise SemimedError(f"mean_teacher: student_view={student_view!r}; valid: {', '.join(STUDENT_VIEWS)}")
-        self.ema_decay, self.lambda_u, self.rampup_steps = float(ema_decay), float(lambda_u), int(rampup_steps)
+            raise SemimedError(
+                f"mean_teacher: student_view={student_view!r}; valid: {', '.join(STUDENT_VIEWS)}"
+            )
+        self.ema_decay, self.lambda_u, self.rampup_steps = (
+            float(ema_decay),
+            float(lambda_u),
+            int(rampup_steps),
+        )
         self.student_view, self.evaluate_teacher = student_view, bool(evaluate_teacher)
         # From the unwrapped network: a deep copy of a DDP wrapper would carry its process group.
         self.teacher = copy.deepcopy(unwrap(model))
         self.teacher.requires_grad_(False)
-        self.teacher.eval()
-
-    def train(self, mode: bool = True) -> MeanTeacher:
-        # The teacher never trains: eval mode keeps its BatchNorm on the averaged running statistics.
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         n = len(batch.x)
         u_student = batch.u_strong if self.student_view == "strong" else batch.u_weak
         logits = self.model(torch.cat([batch.x, u_student]))
         logits_x, logits_u = logits[:n], logits[n:]
-        with torch.no_grad():
+        with torch.no_grad():  # train mode (batch statistics), like the student; no gradient ever reaches it
             teacher_probs = probabilities(self.teacher(batch.u_weak), self.multilabel)
         sup = supervised_loss(logits_x, batch.y, self.multilabel)
         unsup = ((probabilities(logits_u, self.multilabel) - teacher_probs) ** 2).mean()
         weight = self.lambda_u * sigmoid_rampup(step, self.rampup_steps)
         teacher_targets = (teacher_probs >= 0.5).float() if self.multilabel else teacher_probs.argmax(dim=1)
         everything = torch.ones_like(teacher_probs if self.multilabel else teacher_probs[:, 0])
-        logs = {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "unsup_weight": weight,
-                "ema_decay": ema_decay(step + 1, self.ema_decay),
-                **pseudo_label_logs(teacher_targets, everything, batch.u_true, self.multilabel)}
+        logs = {
+            "sup_loss": sup.detach(),
+            "unsup_loss": unsup.detach(),
+            "unsup_weight": weight,
+            "ema_decay": ema_decay(step + 1, self.ema_decay),
+            **pseudo_label_logs(teacher_targets, everything, batch.u_true, self.multilabel),
+        }
         return StepOutput(sup + weight * unsup, logs)
 
     def after_optimizer_step(self, step: int) -> None:

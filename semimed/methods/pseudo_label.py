@@ -54,13 +54,19 @@ class PseudoLabel(Method):
         if negative_threshold is not None and not multilabel:
             raise SemimedError("pseudo_label: negative_threshold is only for multi-label targets")
         if lambda_u < 0 or rampup_steps < 0:
-            raise SemimedError(f"pseudo_label: lambda_u={lambda_u} and rampup_steps={rampup_steps} must be >= 0")
+            raise SemimedError(
+                f"pseudo_label: lambda_u={lambda_u} and rampup_steps={rampup_steps} must be >= 0"
+            )
         # Buffers, not plain tensors, so they follow the method to its device; not persistent: they are
         # hyperparameters (in config.yaml), not learned state.
-        self.register_buffer("threshold", threshold_tensor(threshold, num_classes, multilabel, "threshold"),
-                             persistent=False)
-        negative = None if negative_threshold is None else threshold_tensor(
-            negative_threshold, num_classes, multilabel, "negative_threshold")
+        self.register_buffer(
+            "threshold", threshold_tensor(threshold, num_classes, multilabel, "threshold"), persistent=False
+        )
+        negative = (
+            None
+            if negative_threshold is None
+            else threshold_tensor(negative_threshold, num_classes, multilabel, "negative_threshold")
+        )
         self.register_buffer("negative_threshold", negative, persistent=False)
         self.lambda_u = float(lambda_u)
         self.rampup_steps = int(rampup_steps)
@@ -70,10 +76,18 @@ class PseudoLabel(Method):
         logits = self.model(torch.cat([batch.x, batch.u_weak]))
         logits_x, logits_u = logits[:n], logits[n:]
         sup = supervised_loss(logits_x, batch.y, self.multilabel)
-        targets, mask = confidence_targets(probabilities(logits_u.detach(), self.multilabel), self.multilabel,
-                                           self.threshold, self.negative_threshold)
+        targets, mask = confidence_targets(
+            probabilities(logits_u.detach(), self.multilabel),
+            self.multilabel,
+            self.threshold,
+            self.negative_threshold,
+        )
         unsup = pseudo_label_loss(logits_u, targets, mask, self.multilabel)
         weight = self.lambda_u * linear_rampup(step, self.rampup_steps)
-        logs = {"sup_loss": sup.detach(), "unsup_loss": unsup.detach(), "unsup_weight": weight,
-                **pseudo_label_logs(targets, mask, batch.u_true, self.multilabel)}
+        logs = {
+            "sup_loss": sup.detach(),
+            "unsup_loss": unsup.detach(),
+            "unsup_weight": weight,
+            **pseudo_label_logs(targets, mask, batch.u_true, self.multilabel),
+        }
         return StepOutput(sup + weight * unsup, logs)

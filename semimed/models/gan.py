@@ -52,8 +52,11 @@ class Generator(nn.Module):
         current = seed_width
         for _ in range(max(n - 1, 0)):
             out = max(width, current // 2)
-            layers += [nn.ConvTranspose2d(current, out, 4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.ConvTranspose2d(current, out, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
             current = out
         # The last layer makes the image: one more doubling when n >= 1, else a same-size 3x3 conv.
         if n >= 1:
@@ -84,7 +87,9 @@ class Discriminator(nn.Module):
         super().__init__()
         for name in ("forward_features", "forward_head", "num_features"):
             if not hasattr(backbone, name):
-                raise SemimedError(f"gan_ssl: backbone {type(backbone).__name__} lacks {name} (timm-style API)")
+                raise SemimedError(
+                    f"gan_ssl: backbone {type(backbone).__name__} lacks {name} (timm-style API)"
+                )
         self.backbone = backbone
         self.real_fake = nn.Linear(int(backbone.num_features), 1) if multilabel else None
 
