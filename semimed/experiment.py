@@ -100,10 +100,12 @@ def build_run(cfg: Config) -> tuple[Any, RunData, Split]:
         cfg.method.name, model, dataset.num_classes, dataset.multilabel, **cfg.method.params
     )
     unlabeled = None
-    if method.uses_unlabeled and len(index["unlabeled"]):
-        unlabeled = TwoView(
-            decoded.pixels, targets, index["unlabeled"], transform("weak"), transform("strong")
-        )
+    if method.uses_unlabeled:
+        # At fraction 1.0 nothing is left unlabeled: SSL methods then also see every training image as an
+        # unlabeled one (its label hidden), as in FixMatch's fully supervised runs, so that the 1.0 cell of a
+        # label-fraction study exists for every method, not only the control.
+        pool = index["unlabeled"] if len(index["unlabeled"]) else index["train"]
+        unlabeled = TwoView(decoded.pixels, targets, pool, transform("weak"), transform("strong"))
     data = RunData(
         labeled=ImageView(decoded.pixels, targets, index["labeled"], transform(_labeled_augment(cfg))),
         unlabeled=unlabeled,

@@ -103,3 +103,27 @@ def test_train_local_writes_the_run_folder(demo_roots, tmp_path, capsys):
     for name in ("config.yaml", "split.json", "env.json", "metrics.json"):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "metrics.json").read_text())["step"] == 6
+
+
+def test_ssl_at_full_labels_uses_every_training_image_as_unlabeled(demo_roots, tmp_path):
+    from semimed.config import load_config
+    from semimed.data import load_dataset
+    from semimed.experiment import build_run, run_training
+
+    cfg = load_config(
+        None,
+        [
+            f"data.root={demo_roots['breakhis']}",
+            "data.image_size=16",
+            "data.fraction=1.0",
+            "method.name=fixmatch",
+            "train.steps=4",
+            "train.batch_size=8",
+            "train.eval_every=2",
+        ],
+    )
+    _, data, split = build_run(cfg)
+    assert split.unlabeled == []
+    train_rows = split.indices(load_dataset(cfg.data))["train"]
+    assert sorted(data.unlabeled.indices.tolist()) == sorted(train_rows.tolist())
+    assert run_training(cfg, tmp_path / "run", show_progress=False)["step"] == 4
