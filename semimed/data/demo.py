@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from semimed.data.breakhis import MAGNIFICATIONS, TUMOR_TYPES
+from semimed.data.chestxray14 import FINDINGS
 from semimed.errors import SemimedError
 
 # Bump when the generator's output changes, so an old completed marker no longer counts as up to date.
@@ -44,22 +45,8 @@ _IN_PROGRESS = ".demo_in_progress"
 # Independent random streams (the second entropy word): metadata draws never shift pixel draws and vice versa.
 _BH_META, _BH_PATIENT, _BH_IMAGE, _CX_META, _CX_PATIENT, _CX_IMAGE = range(6)
 
-CHEST_FINDINGS: list[str] = [
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-]
+# The demo writes the findings the loader reads, in its documented order.
+CHEST_FINDINGS: list[str] = FINDINGS
 # Per-image prevalence among all images, roughly the NIH release's (Infiltration 17.7%, … Hernia 0.2%); Hernia is
 # raised a little and every finding is topped up to _MIN_POSITIVES so that each class can be evaluated.
 _CHEST_PREVALENCE = np.array(
