@@ -169,3 +169,29 @@ def pseudo_label_logs(
             correct = (targets == true.long()).float()
         logs["pseudo_acc"] = ((correct * used).sum() / used.sum()).detach()
     return logs
+
+
+def register_thresholds(
+    method: torch.nn.Module,
+    threshold: float | Sequence[float],
+    negative_threshold: float | Sequence[float] | None,
+    num_classes: int,
+    multilabel: bool,
+    name: str,
+) -> None:
+    """Confidence thresholds as `method.threshold` / `method.negative_threshold` buffers (pseudo_label, fixmatch).
+
+    Buffers, not plain tensors, so they follow the method to its device; not persistent: they are
+    hyperparameters (in config.yaml), not learned state.
+    """
+    if negative_threshold is not None and not multilabel:
+        raise SemimedError(f"{name}: negative_threshold is only for multi-label targets")
+    method.register_buffer(
+        "threshold", threshold_tensor(threshold, num_classes, multilabel, "threshold"), persistent=False
+    )
+    negative = (
+        None
+        if negative_threshold is None
+        else threshold_tensor(negative_threshold, num_classes, multilabel, "negative_threshold")
+    )
+    method.register_buffer("negative_threshold", negative, persistent=False)

@@ -12,7 +12,12 @@ from torch import nn
 from semimed.errors import SemimedError
 from semimed.losses import probabilities, supervised_loss
 from semimed.methods.base import METHODS, Batch, Method, StepOutput
-from semimed.methods.common import confidence_targets, pseudo_label_logs, pseudo_label_loss, threshold_tensor
+from semimed.methods.common import (
+    confidence_targets,
+    pseudo_label_logs,
+    pseudo_label_loss,
+    register_thresholds,
+)
 
 
 @METHODS.register("fixmatch")
@@ -48,19 +53,9 @@ class FixMatch(Method):
         lambda_u: float = 1.0,
     ) -> None:
         super().__init__(model, num_classes, multilabel)
-        if negative_threshold is not None and not multilabel:
-            raise SemimedError("fixmatch: negative_threshold is only for multi-label targets")
         if lambda_u < 0:
             raise SemimedError(f"fixmatch: lambda_u={lambda_u} must be >= 0")
-        self.register_buffer(
-            "threshold", threshold_tensor(threshold, num_classes, multilabel, "threshold"), persistent=False
-        )
-        negative = (
-            None
-            if negative_threshold is None
-            else threshold_tensor(negative_threshold, num_classes, multilabel, "negative_threshold")
-        )
-        self.register_buffer("negative_threshold", negative, persistent=False)
+        register_thresholds(self, threshold, negative_threshold, num_classes, multilabel, "fixmatch")
         self.lambda_u = float(lambda_u)
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:

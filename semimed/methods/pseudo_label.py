@@ -17,7 +17,7 @@ from semimed.methods.common import (
     linear_rampup,
     pseudo_label_logs,
     pseudo_label_loss,
-    threshold_tensor,
+    register_thresholds,
 )
 
 
@@ -51,23 +51,11 @@ class PseudoLabel(Method):
         rampup_steps: int = 200,
     ) -> None:
         super().__init__(model, num_classes, multilabel)
-        if negative_threshold is not None and not multilabel:
-            raise SemimedError("pseudo_label: negative_threshold is only for multi-label targets")
         if lambda_u < 0 or rampup_steps < 0:
             raise SemimedError(
                 f"pseudo_label: lambda_u={lambda_u} and rampup_steps={rampup_steps} must be >= 0"
             )
-        # Buffers, not plain tensors, so they follow the method to its device; not persistent: they are
-        # hyperparameters (in config.yaml), not learned state.
-        self.register_buffer(
-            "threshold", threshold_tensor(threshold, num_classes, multilabel, "threshold"), persistent=False
-        )
-        negative = (
-            None
-            if negative_threshold is None
-            else threshold_tensor(negative_threshold, num_classes, multilabel, "negative_threshold")
-        )
-        self.register_buffer("negative_threshold", negative, persistent=False)
+        register_thresholds(self, threshold, negative_threshold, num_classes, multilabel, "pseudo_label")
         self.lambda_u = float(lambda_u)
         self.rampup_steps = int(rampup_steps)
 
