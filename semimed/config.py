@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -15,6 +16,47 @@ from typing import Any, get_type_hints
 import yaml
 
 from semimed.errors import SemimedError
+
+# Keys that say where or how a run executes, not what it computes. They may differ between a run and its resume,
+# they are left out of a run's fingerprint, and `semimed report` does not split trials by them. A dotted prefix
+# ("scaling") covers its whole section. Everything else (data, model, method, budget, schedule, seed, amp,
+# evaluation interval) determines the result.
+OPERATIONAL_KEYS = (
+    "name",
+    "output_dir",
+    "data.cache_dir",
+    "data.split_file",  # the split's content is fingerprinted, not the file's path
+    "train.device",
+    "train.loader_workers",
+    "train.checkpoint_every",
+    "scaling",
+)
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+def choices(*names: str, default: str) -> Any:
+    """A str field whose value must be one of `names` (checked whenever a config is built)."""
+    return field(default=default, metadata={"choices": names})
+
+
+def _select_metric_names() -> tuple[str, ...]:
+    from semimed.metrics import SELECTABLE_METRICS
+
+    return ("", *SELECTABLE_METRICS)
+
+
+def _check_choices(section: Any, where: str) -> None:
+    """Raise for a str field outside its closed set, naming the key and the valid values (a typo such as
+    select_metric=balanced_acc would otherwise silently select nothing)."""
+    for item in dataclasses.fields(section):
+        valid = item.metadata.get("choices")
+        if valid is None:
+            continue
+        valid = valid() if callable(valid) else valid
+        value = getattr(section, item.name)
+        if value not in valid:
+            shown = ", ".join(v if v else '"" (default)' for v in valid)
+            raise SemimedError(f"unknown {where}.{item.name} {value!r}; valid: {shown}")
 
 
 @dataclass(frozen=True)
@@ -29,12 +71,15 @@ class DataConfig:
     split_seed: int | None = None  # None: the run's seed (BreakHis' 5 repeats are 5 split seeds)
     test_fraction: float = 0.3  # of patients, when the dataset has no official split (Spanhol et al. 2016)
     val_fraction: float = 0.15  # of the remaining training patients
-    val_policy: str = "full"  # full | fraction | none  (STUDY_PROTOCOL.md rule 7)
+    val_policy: str = choices("full", "fraction", "none", default="full")  # docs/study-protocol.md rule 7
     split_file: str = ""  # use a saved split JSON instead of drawing one
     cache_dir: str = ""  # decode-once cache; "" = ~/.cache/semimed
     drop_missing: bool = (
         False  # chestxray14: drop metadata rows whose image is absent (else: stop, naming them)
     )
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "data")
 
 
 @dataclass(frozen=True)
@@ -57,24 +102,31 @@ class TrainConfig:
     steps: int = 500  # the budget is in optimizer steps, not epochs (STUDY_PROTOCOL.md rule 5)
     batch_size: int = 32  # labeled images per step (global, across workers)
     unlabeled_ratio: int = 1  # mu: unlabeled images per labeled image, for SSL methods
-    optimizer: str = "adamw"  # adamw | sgd | adam
+    optimizer: str = choices("adam", "adamw", "sgd", default="adamw")
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    schedule: str = "cosine"  # cosine | constant | step
+    schedule: str = choices("constant", "cosine", "step", default="cosine")
     warmup_steps: int = 0
     milestones: list[float] = field(
         default_factory=lambda: [0.5, 0.75]
     )  # step schedule, as fractions of steps
     grad_clip: float = 0.0  # 0 = off
-    amp: str = "off"  # off | bf16 | fp16
+    amp: str = choices("off", "bf16", "fp16", default="off")
     channels_last: bool = False
     eval_every: int = 100
     checkpoint_every: int = 100
-    select_metric: str = ""  # "" = roc_auc; metric on val that picks the reported checkpoint
+    # The metric on val that picks the reported checkpoint; "" = roc_auc.
+    select_metric: str = field(default="", metadata={"choices": _select_metric_names})
     loader_workers: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    augment: str = "weak"  # labeled view: weak | none (the MedMNIST v2 protocol trains without augmentation)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # The labeled view: weak (the matched-control default) or none (the MedMNIST v2 protocol).
+    augment: str = choices("weak", "none", default="weak")
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "train")
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise SemimedError(f"unknown train.device {self.device!r}; valid: auto, cpu, cuda, cuda:N")
 
 
 @dataclass(frozen=True)
@@ -105,7 +157,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        from semimed.data.splits import atomic_write_text
+        from semimed.files import atomic_write_text
 
         return atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -166,6 +218,27 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         kind = getattr(hint, "__name__", text)
         raise SemimedError(f"config key {where!r}: {value!r} is not a valid {kind}") from None
     return value
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {dotted key: value}, down to the leaves (`method.params.threshold` included)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def is_operational(dotted: str) -> bool:
+    return any(dotted == key or dotted.startswith(key + ".") for key in OPERATIONAL_KEYS)
+
+
+def result_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """The flattened config without its operational keys: what determines a run's result."""
+    return {k: v for k, v in sorted(flatten(values).items()) if not is_operational(k)}
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

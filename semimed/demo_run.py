@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from semimed.data.splits import atomic_write_text
+from semimed.files import atomic_write_text
 
 DEMO_SPACE = Path(__file__).resolve().parent / "demo_space.yaml"
 

@@ -21,10 +21,11 @@ from semimed.config import Config
 from semimed.data import load_dataset
 from semimed.data.augment import Normalizer, build_transform
 from semimed.data.cache import load_pixels
-from semimed.data.splits import Split, atomic_write_text, make_split
+from semimed.data.splits import Split, make_split
 from semimed.data.views import ImageView, TwoView
 from semimed.engine import ReportFn, RunData, fit
 from semimed.errors import SemimedError
+from semimed.files import atomic_write_text
 from semimed.methods import create_method
 from semimed.models.backbones import BACKBONE_FILE, create_backbone, save_backbone, unwrap_model
 

@@ -34,6 +34,19 @@ __all__ = [
 ]
 
 THRESHOLD_RULES = ("youden", "f1")
+# Summary metrics (higher is better) that `train.select_metric` may name; which apply depends on the task.
+SELECTABLE_METRICS = (
+    "accuracy",
+    "average_precision",
+    "balanced_accuracy",
+    "f1_macro",
+    "hamming_accuracy",
+    "patient_accuracy",
+    "roc_auc",
+    "sensitivity_macro",
+    "specificity_macro",
+    "subset_accuracy",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-from semimed.data.splits import atomic_write_text
 from semimed.errors import SemimedError
+from semimed.files import atomic_write_text
 
 SINGLE_LABEL_METRICS = (
     "accuracy",

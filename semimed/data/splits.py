@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 
 from semimed.data.base import LabeledImageSet
 from semimed.errors import SemimedError
+from semimed.files import atomic_write_text
 
 VAL_POLICIES = ("full", "fraction", "none")
 
@@ -84,19 +83,6 @@ class Split:
                 )
             out[name] = np.array([row_of[p] for p in paths], dtype=np.int64)
         return out
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _patient_strata(dataset: LabeledImageSet) -> tuple[np.ndarray, np.ndarray]:
