@@ -1,16 +1,25 @@
-"""One training run from a Config, in plain Python: dataset -> split -> pixels -> views -> method -> fit.
+"""One training run from a Config, in plain Python: dataset -> split -> pixels -> method -> fit -> files.
 
 This is what the Ray Train worker calls, what `semimed train --local` calls, and what tests and benchmarks
-call. It writes, into the run directory: `config.yaml` (resolved), `split.json`, `env.json` (versions, git
-commit), TensorBoard curves under `tb/`, checkpoints, and at the end `metrics.json` and `backbone.safetensors`
-(the trained network, for `model.pretrained_checkpoint=RUN_DIR` in a later run).
+call. A run folder belongs to one run (semimed/runs.py): before anything is written, the folder is checked to
+be free or to hold this very run (same config, split and code: then the run resumes). It then holds:
+
+    run.json               the run's identity and fingerprint
+    config.yaml            the resolved config
+    split.json             the split (patients, labeled subset)
+    env.json               package versions, git commit, platform
+    checkpoints/step_*/    the two newest checkpoints (weights_only=True loadable)
+    tb/                    TensorBoard curves
+    metrics.json           final metrics: test/* at the reported checkpoint, test_last/*, which checkpoint
+    predictions.parquet    per-image val/test scores at the reported checkpoint (row, path, patient, labels)
+    backbone.safetensors   the evaluated network at the reported checkpoint (for transfer and `explain`)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +28,16 @@ import torch
 
 from semimed.config import Config
 from semimed.data import load_dataset
-from semimed.data.augment import Normalizer, build_transform
+from semimed.data.augment import Normalizer
 from semimed.data.cache import load_pixels
 from semimed.data.splits import Split, make_split
-from semimed.data.views import ImageView, TwoView
-from semimed.engine import ReportFn, RunData, fit
+from semimed.data.views import RunData
+from semimed.engine import ReportFn, fit
 from semimed.errors import SemimedError
 from semimed.files import atomic_write_text
-from semimed.methods import create_method
-from semimed.models.backbones import BACKBONE_FILE, create_backbone, save_backbone, unwrap_model
+from semimed.methods import Method, create_method
+from semimed.models.backbones import BACKBONE_FILE, create_backbone, save_backbone
+from semimed.runs import RunIdentity, RunLock, check_run_dir, git_commit, run_identity, write_identity
 
 
 def check_config(cfg: Config) -> None:
@@ -40,7 +50,7 @@ def check_config(cfg: Config) -> None:
     from semimed.models.backbones import LOCAL_BACKBONES, backbone_names
 
     if cfg.data.dataset not in DATASETS:
-        raise SemimedError(f"unknown data.dataset {cfg.data.dataset!r}; valid: {', '.join(DATASETS)}")
+        raise SemimedError(f"unknown data.dataset {cfg.data.dataset!r}; valid: {', '.join(DATASETS.names())}")
     check_method(cfg.method.name, cfg.method.params)
     if cfg.model.backbone not in LOCAL_BACKBONES and not timm.is_model(cfg.model.backbone):
         raise SemimedError(
@@ -68,8 +78,9 @@ def load_split(cfg: Config, dataset) -> Split:
     )
 
 
-def build_run(cfg: Config) -> tuple[Any, RunData, Split]:
-    """Dataset, split and views for `cfg`, plus the method (returned first)."""
+def build_run(cfg: Config) -> tuple[Method, RunData, Split]:
+    """The method, the data it reads, and the split, for `cfg` (draws the network's initial weights from torch's
+    generator: `run_training` seeds it)."""
     check_config(cfg)  # names first: a typo should not wait for the data to load
     dataset = load_dataset(cfg.data)
     split = load_split(cfg, dataset)
@@ -78,8 +89,7 @@ def build_run(cfg: Config) -> tuple[Any, RunData, Split]:
     used = np.concatenate([index[k] for k in ("train", "val", "test")])
     bad = sorted(set(decoded.bad_rows) & set(used.tolist()))
     if bad:
-        first = decoded.bad_rows[bad[0]]
-        raise SemimedError(f"{len(bad)} image(s) of the split cannot be decoded; first: {first}")
+        raise SemimedError(decoded.bad_rows_message(bad))
     model = create_backbone(
         cfg.model.backbone,
         dataset.num_classes,
@@ -90,44 +100,21 @@ def build_run(cfg: Config) -> tuple[Any, RunData, Split]:
         cfg.data.image_size,
     )
     mean, std = _normalization_stats(model, cfg)
-
-    def transform(kind: str):
-        return build_transform(kind, cfg.data.image_size)
-
-    targets = torch.from_numpy(
-        np.array(dataset.labels)
-    )  # a writable copy: the loader's array may be read-only
     method = create_method(
         cfg.method.name, model, dataset.num_classes, dataset.multilabel, **cfg.method.params
     )
-    unlabeled = None
-    if method.uses_unlabeled:
-        # At fraction 1.0 nothing is left unlabeled: SSL methods then also see every training image as an
-        # unlabeled one (its label hidden), as in FixMatch's fully supervised runs, so that the 1.0 cell of a
-        # label-fraction study exists for every method, not only the control.
-        pool = index["unlabeled"] if len(index["unlabeled"]) else index["train"]
-        unlabeled = TwoView(decoded.pixels, targets, pool, transform("weak"), transform("strong"))
     data = RunData(
-        labeled=ImageView(decoded.pixels, targets, index["labeled"], transform(_labeled_augment(cfg))),
-        unlabeled=unlabeled,
-        val=ImageView(decoded.pixels, targets, index["val"], transform("none"))
-        if len(index["val"])
-        else None,
-        test=ImageView(decoded.pixels, targets, index["test"], transform("none")),
+        pixels=decoded.pixels,
+        targets=np.asarray(dataset.labels),
+        rows=index,
         classes=dataset.classes,
         multilabel=dataset.multilabel,
-        targets=np.asarray(dataset.labels),
         patient_ids=dataset.patients.astype(str),
+        labeled_augment=cfg.train.augment,
         normalize=Normalizer(dataset.channels, mean, std),
+        paths=dataset.meta["path"].to_numpy().astype(str),
     )
     return method, data, split
-
-
-def _labeled_augment(cfg: Config) -> str:
-    """`train.augment` for the labeled view: weak (the matched-control default) or none (MedMNIST v2 protocol)."""
-    if cfg.train.augment not in ("weak", "none"):
-        raise SemimedError(f"unknown train.augment {cfg.train.augment!r}; valid: weak, none")
-    return cfg.train.augment
 
 
 def _normalization_stats(model, cfg: Config):
@@ -138,23 +125,26 @@ def _normalization_stats(model, cfg: Config):
 
 
 def environment() -> dict[str, str]:
-    """Package versions and git commit: everything that produced a number is kept (STUDY_PROTOCOL rule 9)."""
+    """Package versions and git commit: everything that produced a number is kept (docs/study-protocol.md)."""
     import timm
 
-    info = {
+    return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
+        "git_commit": git_commit(),
     }
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        info["git_commit"] = ""
-    return info
+
+
+def prepare_run_dir(cfg: Config, run_dir: str | Path) -> RunIdentity:
+    """Check, without writing, that `run_dir` is free or holds this run; returns the run's identity (what a
+    Ray driver calls before it starts workers, so that a refused run fails fast and touches nothing)."""
+    dataset = load_dataset(cfg.data)
+    identity = run_identity(cfg, load_split(cfg, dataset))
+    check_run_dir(run_dir, identity)
+    return identity
 
 
 def run_training(
@@ -166,52 +156,68 @@ def run_training(
     write_files: bool = True,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Build and fit one run; returns the final metrics. `write_files` is False on non-zero DDP ranks."""
+    """Build and fit one run; returns the final metrics. `write_files` is False on non-zero DDP ranks.
+
+    Resumes when `run_dir` (or `resume_from`) holds a checkpoint of this very run; refuses, before writing
+    anything, a folder that holds another run.
+    """
     run_dir = Path(run_dir)
     # Weight init, dropout and augmentations draw from torch's generator: seed it per run, inside a fork so
     # the caller's global RNG state is left as it was (splits use their own explicit generators).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         method, data, split = build_run(cfg)
+        identity = run_identity(cfg, split)
         if write_files:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(run_dir / "config.yaml")
-            split.save(run_dir / "split.json")
-            atomic_write_text(run_dir / "env.json", json.dumps(environment(), indent=1))
-        final = fit(
-            method,
-            data,
-            cfg.train,
-            seed=cfg.seed,
-            run_dir=run_dir,
-            report=report,
-            resume_from=resume_from,
-            device=device,
-            show_progress=show_progress,
-        )
-    if write_files:
-        _export_backbone(method, data, cfg, run_dir)
-        atomic_write_text(run_dir / "metrics.json", json.dumps(_jsonable(final), indent=1, sort_keys=True))
+            check_run_dir(run_dir, identity)
+        with RunLock(run_dir) if write_files else contextlib.nullcontext():
+            if write_files:
+                check_run_dir(run_dir, identity)  # again, now that no other process can write here
+                write_identity(run_dir, identity)
+                cfg.save(run_dir / "config.yaml")
+                split.save(run_dir / "split.json")
+                atomic_write_text(run_dir / "env.json", json.dumps(environment(), indent=1))
+            final = fit(
+                method,
+                data,
+                cfg.train,
+                seed=cfg.seed,
+                run_dir=run_dir,
+                report=report,
+                resume_from=resume_from,
+                device=device,
+                show_progress=show_progress,
+                fingerprint=identity.fingerprint,
+            )
+            if write_files:
+                export_backbone(method, data, cfg, run_dir, final)
+                atomic_write_text(
+                    run_dir / "metrics.json", json.dumps(_jsonable(final), indent=1, sort_keys=True)
+                )
     return final
 
 
-def _export_backbone(method, data: RunData, cfg: Config, run_dir: Path) -> Path:
-    """`run_dir/backbone.safetensors`: the trained network (last step), so that another run can start from it
-    with `model.pretrained_checkpoint=RUN_DIR`; the metadata carries the input normalization it learned with."""
-    model = unwrap_model(method.model)
-    channels = int(data.labeled.pixels.shape[1])
-    mean, std = _normalization_stats(model, cfg)
+def export_backbone(method: Method, data: RunData, cfg: Config, run_dir: Path, final: dict[str, Any]) -> Path:
+    """`run_dir/backbone.safetensors`: the network the test metrics were reported for (`method.backbone()` at
+    the reported checkpoint), so that another run can start from it (`model.pretrained_checkpoint=RUN_DIR`) and
+    `semimed explain` shows what was evaluated. The metadata carries the input normalization it learned with."""
+    network = method.backbone()
+    mean, std = _normalization_stats(network, cfg)
     metadata = {
         "backbone": cfg.model.backbone,
-        "in_chans": channels,
+        "in_chans": data.channels,
         "classes": list(data.classes),
         "multilabel": bool(data.multilabel),
         "image_size": cfg.data.image_size,
         "steps": cfg.train.steps,
-        "mean": list(mean) if mean else [0.5] * channels,
-        "std": list(std) if std else [0.5] * channels,
+        "step": int(final["selected_step"]),
+        "checkpoint": final["reported_checkpoint"],
+        "evaluated_model": final["evaluated_model"],
+        "method": cfg.method.name,
+        "mean": list(mean) if mean else [0.5] * data.channels,
+        "std": list(std) if std else [0.5] * data.channels,
     }
-    return save_backbone(model, run_dir / BACKBONE_FILE, metadata)
+    return save_backbone(network, run_dir / BACKBONE_FILE, metadata)
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

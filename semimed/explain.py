@@ -25,6 +25,7 @@ then localizes to a quadrant at best; explain at a larger image size or use a sh
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from PIL import Image
 from torch import nn
 
 from semimed.errors import SemimedError
+from semimed.files import publish, staging_path
 
 GRADCAM_LAYERS: dict[str, str] = {
     "small_cnn": "features.2.5",
@@ -139,33 +141,47 @@ def explain_run(
     layer: str | None = None,
     tensorboard: bool = True,
 ) -> list[Explanation]:
-    """Grad-CAM overlays for `images` under the latest checkpoint of `run_dir`.
+    """Grad-CAM overlays for `images` under the network a finished run reported its metrics for.
 
-    Images are preprocessed as the run's evaluation did (shorter side to data.image_size, centre crop, the
-    run's normalization). Writes `<out_dir or run_dir/gradcam>/<stem>_<class>_gradcam.png` (image | overlay,
-    side by side) and logs up to TB_IMAGES overlays to TensorBoard under `run_dir/tb` (tag gradcam).
+    That network is the run's `backbone.safetensors` (the val-selected checkpoint, Mean Teacher's teacher, …,
+    exactly what `metrics.json` evaluated). Images are preprocessed as the run's evaluation did (shorter side to
+    data.image_size, centre crop, the run's normalization). Writes `<out_dir or run_dir/gradcam>/<stem>_<class>
+    _gradcam.png` (image | overlay, side by side; `<stem>-2`, `<stem>-3`, … when inputs share a file name) and
+    logs up to TB_IMAGES overlays to TensorBoard under `run_dir/tb` (tag gradcam).
     """
     from semimed.config import load_config
     from semimed.data.augment import Normalizer, build_transform
     from semimed.data.base import read_image_file
     from semimed.data.cache import resize_center_crop
     from semimed.data.splits import Split
-    from semimed.engine import latest_checkpoint, load_checkpoint
     from semimed.losses import probabilities
+    from semimed.models.backbones import BACKBONE_FILE, create_backbone, read_backbone_metadata
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise SemimedError(f"{run_dir}: not a semimed run directory (no config.yaml)")
     if not images:
         raise SemimedError("explain: no images given (--images PATH ...)")
+    exported = run_dir / BACKBONE_FILE
+    if not exported.is_file():
+        raise SemimedError(
+            f"{run_dir}: no {BACKBONE_FILE} (the run has not finished): explain shows the network the run's "
+            "metrics were reported for, which a run exports when it ends"
+        )
     cfg = load_config(run_dir / "config.yaml")
     classes = Split.load(run_dir / "split.json").classes
-    folder = latest_checkpoint(run_dir / "checkpoints")
-    if folder is None:
-        raise SemimedError(f"{run_dir}: no checkpoints/step_*/state.pt to explain")
-    checkpoint = load_checkpoint(folder)
-    state = {k.removeprefix("model."): v for k, v in checkpoint["method"].items() if k.startswith("model.")}
-    model, channels, multilabel, mean, std = _rebuild(run_dir, cfg, state, len(classes))
+    meta = read_backbone_metadata(exported)
+    channels = int(json.loads(meta.get("in_chans", "3")))
+    multilabel = json.loads(meta["multilabel"]) if "multilabel" in meta else _dataset_multilabel(cfg)
+    model = create_backbone(
+        cfg.model.backbone,
+        len(classes),
+        channels,
+        checkpoint=str(exported),
+        drop_rate=cfg.model.drop_rate,
+        image_size=cfg.data.image_size,
+    )
+    mean, std = model.checkpoint_report.normalization or (None, None)
     size = cfg.data.image_size
     transform, normalize = build_transform("none", size), Normalizer(channels, mean, std)
 
@@ -188,7 +204,7 @@ def explain_run(
     out = Path(out_dir) if out_dir else run_dir / "gradcam"
     out.mkdir(parents=True, exist_ok=True)
     results, panels = [], []
-    for i, path in enumerate(images):
+    for i, (path, stem) in enumerate(zip(images, unique_stems(images), strict=True)):
         picture = pixels[i].numpy()
         rgb = np.repeat(picture, 3, axis=0) if picture.shape[0] == 1 else picture
         panel = np.concatenate([rgb.transpose(1, 2, 0), overlay(picture, cams[i])], axis=1)
@@ -196,8 +212,10 @@ def explain_run(
         scale = max(1, 256 // size)  # tiny inputs (28-64 px) are unreadable at their own size
         image = Image.fromarray(panel).resize((panel.shape[1] * scale, panel.shape[0] * scale), Image.NEAREST)
         target_name = classes[int(chosen[i])]
-        file = out / f"{Path(path).stem}_{target_name}_gradcam.png"
-        image.save(file)
+        file = out / f"{stem}_{target_name}_gradcam.png"
+        staging = staging_path(file)
+        image.save(staging, format="PNG")
+        publish(staging, file)
         results.append(
             Explanation(
                 str(path), file, target_name, float(probs[i, chosen[i]]), classes[int(probs[i].argmax())]
@@ -208,54 +226,23 @@ def explain_run(
 
         with SummaryWriter(str(run_dir / "tb")) as writer:
             grid = torch.from_numpy(np.stack(panels[:TB_IMAGES])).permute(0, 3, 1, 2)
-            writer.add_images("gradcam", grid, int(checkpoint.get("step", 0)), dataformats="NCHW")
+            writer.add_images("gradcam", grid, int(json.loads(meta.get("step", "0"))), dataformats="NCHW")
     return results
 
 
-def _rebuild(run_dir: Path, cfg, state: dict[str, torch.Tensor], num_classes: int):
-    """(model with the checkpoint's weights, input channels, multilabel, mean, std) for the run."""
-    from semimed.models.backbones import (
-        BACKBONE_FILE,
-        checkpoint_normalization,
-        create_backbone,
-        first_conv_key,
-        read_backbone_metadata,
-    )
-
-    def build(in_chans: int) -> nn.Module:
-        return create_backbone(
-            cfg.model.backbone,
-            num_classes,
-            in_chans,
-            drop_rate=cfg.model.drop_rate,
-            image_size=cfg.data.image_size,
-        )
-
-    model = build(3)
-    first = state.get(first_conv_key(model))
-    channels = int(first.shape[1]) if first is not None and first.ndim == 4 else 3
-    if channels != 3:
-        model = build(channels)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise SemimedError(
-            f"{run_dir}: checkpoint does not fit backbone {cfg.model.backbone!r} ({str(exc).splitlines()[0]})"
-        ) from None
-    exported = run_dir / BACKBONE_FILE
-    meta = read_backbone_metadata(exported) if exported.is_file() else {}
-    if "mean" in meta:
-        import json
-
-        mean, std = json.loads(meta["mean"]), json.loads(meta["std"])
-    elif cfg.model.pretrained_checkpoint:
-        mean, std = checkpoint_normalization(cfg.model.pretrained_checkpoint, model)
-    elif cfg.model.pretrained:
-        mean, std = model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std")
-    else:
-        mean, std = None, None  # trained from scratch: the 0.5/0.5 default
-    multilabel = meta.get("multilabel") == "true" if "multilabel" in meta else _dataset_multilabel(cfg)
-    return model, channels, multilabel, mean, std
+def unique_stems(paths: Sequence[str | Path]) -> list[str]:
+    """File stems, with `-2`, `-3`, … added to repeats, so that inputs of the same name (a/x.png, b/x.png) get
+    an overlay each instead of overwriting one."""
+    used: set[str] = set()
+    stems = []
+    for path in paths:
+        stem, candidate, count = Path(path).stem, Path(path).stem, 1
+        while candidate in used:
+            count += 1
+            candidate = f"{stem}-{count}"
+        used.add(candidate)
+        stems.append(candidate)
+    return stems
 
 
 def _dataset_multilabel(cfg) -> bool:

@@ -47,6 +47,15 @@ SELECTABLE_METRICS = (
     "specificity_macro",
     "subset_accuracy",
 )
+_MULTI_LABEL_ONLY = {"subset_accuracy", "hamming_accuracy"}
+
+
+def available_metrics(multilabel: bool, has_patients: bool) -> set[str]:
+    """The selectable summary metrics `evaluate_scores` gives for this kind of task."""
+    if multilabel:
+        return {"roc_auc", "average_precision", "sensitivity_macro", "specificity_macro"} | _MULTI_LABEL_ONLY
+    names = set(SELECTABLE_METRICS) - _MULTI_LABEL_ONLY
+    return names if has_patients else names - {"patient_accuracy"}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ directory) to `ray.train.report`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -19,7 +20,8 @@ import ray.train.torch
 import torch
 
 from semimed.config import Config, config_from_dict
-from semimed.experiment import run_training
+from semimed.experiment import prepare_run_dir, run_training
+from semimed.runs import default_run_name
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -129,13 +131,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 def train_once(cfg: Config, address: str | None = None) -> dict[str, Any]:
     """`semimed train`: one run on Ray Train; returns the final metrics. `scaling.num_workers: 0` trains in
     this process (no Ray), like `semimed train --local`."""
+    if not cfg.name:
+        cfg = dataclasses.replace(cfg, name=default_run_name(cfg))
     if cfg.scaling.num_workers == 0:
         return run_training(cfg, Path(cfg.output_dir) / cfg.name)
-    init_ray(address)
     storage = (
         str(Path(cfg.output_dir).expanduser().resolve()) if "://" not in cfg.output_dir else cfg.output_dir
     )
     run_dir = Path(storage) / cfg.name
+    # Refuse a folder that holds another run here, before any worker starts (the workers check again).
+    prepare_run_dir(cfg, run_dir)
+    init_ray(address)
     trainer = build_trainer(cfg, run_dir, storage_path=str(Path(storage) / ".ray_train"), run_name=cfg.name)
     result = trainer.fit()
     return dict(result.metrics or {})

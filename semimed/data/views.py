@@ -1,4 +1,5 @@
-"""Labeled / unlabeled / two-view wrappers over one decoded pixel array. Datasets never know the method.
+"""The data a run reads: one decoded pixel array, the rows of each part of the split, and the training streams a
+method declares (`Needs`) built over them. Datasets never know the method; methods never know the dataset.
 
 Batches are drawn by `StepBatchSampler`, a deterministic, resumable stream of global batches: the batch of
 step s depends only on (seed, s), so a resumed run continues with exactly the batches it would have seen, and
@@ -8,11 +9,14 @@ each DDP rank takes its share (`rank::world_size`) of the same global batch. We 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from semimed.data.augment import Normalizer, build_transform
 
 
 class ImageView(Dataset):
@@ -38,18 +42,110 @@ class ImageView(Dataset):
         return self.transform(self.image(row)), self.targets[row], row
 
 
-class TwoView(ImageView):
-    """Unlabeled rows as (weak view, strong view, target, row). The target is only for logging pseudo-label
-    accuracy in simulated label-fraction studies; methods must never train on it."""
+class StreamView(ImageView):
+    """Rows of a training stream, each as a dict of named augmented views plus its target and row, so that the
+    default collate gives a dict batch: {"x": …, "y": …, "x_rows": …, "x_index": …} for the labeled stream,
+    {"u_weak": …, "u_strong": …, "u_true": …, "u_rows": …, "u_index": …} for the unlabeled one.
 
-    def __init__(self, pixels, targets, indices, weak, strong) -> None:
-        super().__init__(pixels, targets, indices, weak)
-        self.strong = strong
+    `views` maps batch keys to transforms, applied in order: augmentations draw from torch's generator, so the
+    order is part of a run's reproducibility (weak before strong, as the two-view wrapper always did).
+    """
 
-    def __getitem__(self, position: int):
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        targets: torch.Tensor,
+        indices: np.ndarray,
+        views: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+        prefix: str,
+        target_key: str,
+    ) -> None:
+        super().__init__(pixels, targets, indices, None)
+        self.views, self.prefix, self.target_key = views, prefix, target_key
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor | int]:
         row = int(self.indices[position])
         image = self.image(row)
-        return self.transform(image), self.strong(image), self.targets[row], row
+        sample: dict[str, torch.Tensor | int] = {key: view(image) for key, view in self.views.items()}
+        sample[self.target_key] = self.targets[row]
+        sample[f"{self.prefix}_rows"] = row
+        sample[f"{self.prefix}_index"] = position
+        return sample
+
+
+def unlabeled_pool(rows: dict[str, np.ndarray]) -> np.ndarray:
+    """The rows a method reads as unlabeled images.
+
+    At fraction 1.0 nothing is left unlabeled: SSL methods then see every training image as an unlabeled one
+    too (its label hidden), as in FixMatch's fully supervised runs, so that the 1.0 cell of a label-fraction
+    study exists for every method, not only the control.
+    """
+    return rows["unlabeled"] if len(rows["unlabeled"]) else rows["train"]
+
+
+@dataclass
+class RunData:
+    """What a training run reads: one decoded pixel array [N, C, S, S] uint8 (in memory or a cache memmap),
+    per-row targets (int [N], or float [N, K] with NaN = unknown) and patients, and the rows of each part of
+    the split. The engine builds the streams a method declares from it (`labeled_stream`, `unlabeled_stream`)
+    and evaluates on `view("val")` / `view("test")`.
+    """
+
+    pixels: np.ndarray
+    targets: np.ndarray
+    rows: dict[str, np.ndarray]  # labeled, unlabeled, val, test (and train = labeled + unlabeled)
+    classes: list[str]
+    multilabel: bool
+    patient_ids: np.ndarray | None = None  # per dataset row; enables patient-level accuracy
+    labeled_augment: str = "weak"  # train.augment: weak | none
+    # Views yield uint8 images; the engine normalizes them on the device with this (None: 0.5/0.5).
+    normalize: Normalizer | None = None
+    paths: np.ndarray | None = None  # per dataset row: the image path (for per-image predictions)
+
+    def __post_init__(self) -> None:
+        self.rows = {name: np.asarray(self.rows.get(name, []), dtype=np.int64) for name in _PARTS}
+        if not len(self.rows["train"]):
+            self.rows["train"] = np.concatenate([self.rows["labeled"], self.rows["unlabeled"]])
+        # A writable tensor copy for the loaders (a loader's label array may be read-only).
+        self._target_tensor = torch.from_numpy(np.array(self.targets))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.pixels.shape[-1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.pixels.shape[1])
+
+    def view(self, part: str) -> ImageView | None:
+        """An evaluation view (no augmentation) of `part` ("val" or "test"); None when that part is empty."""
+        rows = self.rows[part]
+        return (
+            ImageView(self.pixels, self._target_tensor, rows, build_transform("none", self.image_size))
+            if len(rows)
+            else None
+        )
+
+    def labeled_stream(self) -> StreamView:
+        transform = build_transform(self.labeled_augment, self.image_size)
+        return StreamView(self.pixels, self._target_tensor, self.rows["labeled"], {"x": transform}, "x", "y")
+
+    def unlabeled_stream(self, view_keys: list[tuple[str, str]]) -> StreamView:
+        """The unlabeled pool with one transform per (batch key, view kind), e.g. [("u_weak", "weak")]."""
+        views = {key: build_transform(kind, self.image_size) for key, kind in view_keys}
+        return StreamView(self.pixels, self._target_tensor, unlabeled_pool(self.rows), views, "u", "u_true")
+
+    def labeled_class_counts(self) -> np.ndarray:
+        """Labeled images per class [K] (multi-label: known positives per finding)."""
+        targets = self.targets[self.rows["labeled"]]
+        if self.multilabel:
+            return np.nansum(np.asarray(targets, dtype=np.float64), axis=0)
+        return np.bincount(np.asarray(targets, dtype=np.int64), minlength=len(self.classes)).astype(
+            np.float64
+        )
+
+
+_PARTS = ("train", "labeled", "unlabeled", "val", "test")
 
 
 class StepBatchSampler:

@@ -1,34 +1,94 @@
-"""The method contract: a method owns its model(s) and computes losses; the engine owns everything else
-(backward, optimizer, AMP, clipping, checkpointing, device placement, evaluation)."""
+"""The method contract: a method owns its model(s), declares the data it consumes, and computes losses; the
+engine owns everything else (streams, backward, optimizers, AMP, clipping, checkpoints, evaluation).
+
+A new method is one file: subclass `Method`, declare `needs`, write `train_step`, register it with
+`@METHODS.register("name")` and import the module in `semimed/methods/__init__.py` (docs/extending.md).
+"""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from semimed.errors import SemimedError
+from semimed.models.backbones import unwrap_model as unwrap
 from semimed.registry import Registry
 
+if TYPE_CHECKING:
+    from semimed.engine.optim import Optimization
 
-@dataclass
-class Batch:
-    """One training step's data, already on the device.
+# Augmentations a stream view can ask for (semimed/data/augment.py): "weak" = flips + translation, "strong" =
+# weak + RandAugment + Cutout, "none" = the image as cached.
+VIEW_KINDS = ("weak", "strong", "none")
 
-    x: labeled images [B, C, H, W]; y: int [B] or float [B, K] (NaN = unknown).
-    u_weak / u_strong: unlabeled images [μB, C, H, W] (SSL methods only); u_true: their hidden labels, ONLY
-    for logging pseudo-label accuracy in simulated label-fraction studies — never for training.
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method reads each step; the data side builds exactly these streams and views, nothing more.
+
+    labeled: a labeled stream (batch keys `x`, `y`, `x_rows`, `x_index`), augmented as `train.augment` says (the
+        matched control's weak augmentation by default). False for methods that never see a label
+        (self-supervised pretraining).
+    unlabeled: the views of each unlabeled image, in order, e.g. ("weak", "strong") for FixMatch, ("weak",) for
+        Pseudo-Label, ("strong", "strong") for SimCLR; () = no unlabeled stream. A view's batch key is `u_<kind>`,
+        and `u_<kind>_2`, `u_<kind>_3`, … for repeats of one kind. Unlabeled batches also carry `u_rows`
+        (dataset rows), `u_index` (positions 0..N_u-1 in the unlabeled pool, for per-sample state) and `u_true`
+        (hidden labels, for logging pseudo-label accuracy only — never for training).
     """
 
-    x: torch.Tensor
-    y: torch.Tensor
-    u_weak: torch.Tensor | None = None
-    u_strong: torch.Tensor | None = None
-    u_true: torch.Tensor | None = None
+    labeled: bool = True
+    unlabeled: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = [kind for kind in self.unlabeled if kind not in VIEW_KINDS]
+        if bad:
+            raise SemimedError(f"unknown view kind(s) {bad}; valid: {', '.join(VIEW_KINDS)}")
+        if not self.labeled and not self.unlabeled:
+            raise SemimedError("a method must read a labeled or an unlabeled stream")
+
+    def view_keys(self) -> list[tuple[str, str]]:
+        """(batch key, view kind) per unlabeled view, in order: [("u_weak", "weak"), ("u_strong", "strong")]."""
+        seen: dict[str, int] = {}
+        keys = []
+        for kind in self.unlabeled:
+            seen[kind] = seen.get(kind, 0) + 1
+            keys.append((f"u_{kind}" if seen[kind] == 1 else f"u_{kind}_{seen[kind]}", kind))
+        return keys
+
+
+class Batch(dict):
+    """One step's data on the device, as a mapping with attribute access (`batch.x`, `batch["u_weak"]`).
+
+    Keys (present as the method's `needs` declare): x [B, C, H, W] float (normalized), y int64 [B] or float
+    [B, K] (NaN = unknown), x_rows / x_index int64 [B]; u_<view> [μB, C, H, W], u_true, u_rows, u_index [μB].
+    """
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(
+                f"batch has no {key!r} (has: {', '.join(self)}); declare it in the method's `needs`"
+            ) from None
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a method may size its state by, given before training starts (`Method.setup`)."""
+
+    num_labeled: int
+    num_unlabeled: int
+    classes: list[str]
+    multilabel: bool
+    # Labeled images per class [K] (multi-label: known positives per finding); e.g. a prior for distribution
+    # alignment or class-balanced thresholds.
+    labeled_class_counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 @dataclass
@@ -42,11 +102,11 @@ class StepOutput:
 class Method(nn.Module):
     """Base class. Subclasses take typed keyword hyperparameters and implement `train_step`.
 
-    Being an nn.Module, a method's state_dict holds every network it owns (student, teacher, generator),
-    which is what the engine checkpoints.
+    Being an nn.Module, a method's state_dict holds every network and buffer it owns (student, teacher,
+    generator, per-sample thresholds), which is what the engine checkpoints; optimizer state is the engine's.
     """
 
-    uses_unlabeled: bool = False
+    needs: Needs = Needs()
     supports_multilabel: bool = True
 
     def __init__(self, model: nn.Module, num_classes: int, multilabel: bool) -> None:
@@ -57,22 +117,47 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.multilabel = multilabel
 
+    # --------------------------------------------------------------------------------------- what it computes
+    def setup(self, info: DataInfo) -> None:
+        """Called once before training (and before a checkpoint is loaded): size per-sample state here."""
+
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         raise NotImplementedError
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, K] of the network that is evaluated (the student by default)."""
+        """Logits [B, K] of the network that is evaluated (by default the trained network)."""
         return self.model(x)
 
+    def backbone(self) -> nn.Module:
+        """The classifier network `predict` evaluates, unwrapped, in its timm layout: what a run exports,
+        what `explain` opens and what another run transfers from. Override when `self.model` is not it
+        (GAN-SSL's discriminator wraps it; Mean Teacher evaluates its teacher)."""
+        return unwrap(self.model)
+
+    def evaluated_model(self) -> str:
+        """A word for the report: which network the test metrics come from."""
+        return "model"
+
+    # ------------------------------------------------------------------------------------- how it is updated
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Optimizer parameter groups; `lr_scale` multiplies the base LR (fine-tuning uses it)."""
+        """The engine optimizer's parameter groups; `lr_scale` multiplies the base LR (fine-tuning uses it)."""
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr_scale": 1.0}]
 
-    def after_optimizer_step(self, step: int) -> None:
-        """Hook for updates outside the engine's optimizer: EMA teachers, or a second network's own step
-        (GAN-SSL's generator keeps its optimizer in the method; nn.Module's get_extra_state/set_extra_state
-        puts that optimizer's state into the checkpoint)."""
+    def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Optimizers of networks outside the engine's optimizer (GAN-SSL's generator), built after the method
+        is on its device. The engine checkpoints and restores them; the method steps them in
+        `update_parameters`."""
+        return {}
 
+    def update_parameters(self, loss: torch.Tensor, optimization: Optimization, step: int) -> None:
+        """The parameter update of one step: by default backward, clip, optimizer and schedule step
+        (`Optimization.update`). Override to add steps of `extra_optimizers` (USB's ParamUpdateHook)."""
+        optimization.update(loss)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """After the parameter update: EMA teachers and other state that follows the weights."""
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
     def tensorboard_images(self) -> dict[str, torch.Tensor]:
         """Image grids [N, C, H, W] in [0, 1] to log at each evaluation (e.g. GAN samples)."""
         return {}
@@ -86,16 +171,18 @@ class Method(nn.Module):
 
 
 METHODS: Registry[Method] = Registry("method")
+_CONSTRUCTOR_ARGS = ("self", "model", "num_classes", "multilabel")
+
+
+def method_parameters(name: str) -> list[str]:
+    """The hyperparameters method `name` takes (its __init__ keywords beyond the model and the task)."""
+    factory = METHODS.get(name)
+    return [p for p in inspect.signature(factory.__init__).parameters if p not in _CONSTRUCTOR_ARGS]
 
 
 def check_method(name: str, params: dict[str, Any]) -> None:
     """Raise if `name` is no method or `params` holds a keyword its __init__ does not take (cheap: no model)."""
-    factory = METHODS.get(name)
-    accepted = [
-        p
-        for p in inspect.signature(factory.__init__).parameters
-        if p not in ("self", "model", "num_classes", "multilabel")
-    ]
+    accepted = method_parameters(name)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise SemimedError(

@@ -20,12 +20,6 @@ from torch import nn
 
 from semimed.errors import SemimedError
 
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The network inside a DDP wrapper (DDP keeps it at `.module`), or the network itself."""
-    return getattr(module, "module", module)
-
-
 # ---------------------------------------------------------------------------------------------------- ramp-ups
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from semimed.errors import SemimedError
 from semimed.losses import probabilities, supervised_loss
-from semimed.methods.base import METHODS, Batch, Method, StepOutput
+from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
 from semimed.methods.common import (
     confidence_targets,
     pseudo_label_logs,
@@ -41,7 +41,7 @@ class FixMatch(Method):
     Logs: sup_loss, unsup_loss, mask_rate, pseudo_acc (vs the hidden labels; never trained on).
     """
 
-    uses_unlabeled = True
+    needs = Needs(unlabeled=("weak", "strong"))
 
     def __init__(
         self,

@@ -4,16 +4,15 @@ discriminator, with a "fake" class beside the K real ones; the generator is trai
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from semimed.errors import SemimedError
 from semimed.losses import supervised_loss
-from semimed.methods.base import METHODS, Batch, Method, StepOutput
-from semimed.methods.common import pseudo_label_logs, unwrap
+from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
+from semimed.methods.common import pseudo_label_logs
+from semimed.models.backbones import unwrap_model as unwrap
 from semimed.models.gan import Discriminator, Generator
 
 
@@ -34,11 +33,11 @@ class GanSSL(Method):
     computed with D's weights detached (torch.func.functional_call), in a BatchNorm batch [u; G(z)] whose
     running-statistics updates are discarded, so it moves only G; L_D sees G(z) detached, so it moves only D.
     The method returns L_D + L_G and the engine's single backward fills both networks' gradients; G's own
-    Adam (β1 = 0.5, constant `generator_lr`) steps in `after_optimizer_step`. Under fp16 the engine's
+    Adam (β1 = 0.5, constant `generator_lr`) is one of the method's `extra_optimizers`, which the engine builds,
+    checkpoints and restores; it steps in `update_parameters`, after D's step. Under fp16 the engine's
     GradScaler also scales G's gradients: Adam's update is invariant to that scale (up to eps), and a step
-    with non-finite gradients is skipped, as GradScaler does for D. G's optimizer state is checkpointed
-    through nn.Module's get_extra_state (plain tensors, dicts, lists and numbers: loadable with
-    torch.load(weights_only=True)).
+    with non-finite gradients is skipped, as GradScaler does for D. The exported backbone (`backbone()`) is the
+    classifier inside the discriminator, in its own timm layout.
 
     `image_size` must equal data.image_size (it sizes G; a mismatch stops at the first step); `channels`
     defaults to the backbone's first convolution's input channels. TensorBoard: `gan/samples`, a grid of G's
@@ -51,7 +50,7 @@ class GanSSL(Method):
     argmax on u — multi-label: p >= 0.5 — against the hidden labels; never trained on).
     """
 
-    uses_unlabeled = True
+    needs = Needs(unlabeled=("weak",))
 
     def __init__(
         self,
@@ -86,12 +85,7 @@ class GanSSL(Method):
             )
         self.image_size, self.latent_dim, self.lambda_u = int(image_size), int(latent_dim), float(lambda_u)
         self.generator = Generator(self.image_size, int(channels), self.latent_dim, int(generator_width))
-        self.generator_optimizer = torch.optim.Adam(
-            self.generator.parameters(), lr=generator_lr, betas=(generator_beta1, 0.999)
-        )
-        # Optimizer state loaded from a checkpoint waits here until the first step: the engine loads state
-        # before moving the method to its device, and Adam would keep the state on the CPU.
-        self._pending_optimizer_state: dict[str, Any] | None = None
+        self.generator_lr, self.generator_beta1 = float(generator_lr), float(generator_beta1)
         # A fixed noise batch, so the sample grids of successive evaluations are comparable.
         self.register_buffer("sample_z", torch.randn(samples, self.latent_dim))
 
@@ -141,14 +135,25 @@ class GanSSL(Method):
         m = len(u)
         return ((features[:m].detach().mean(dim=0) - features[m:].mean(dim=0)) ** 2).mean()
 
-    def after_optimizer_step(self, step: int) -> None:
-        if self._pending_optimizer_state is not None:
-            self.generator_optimizer.load_state_dict(self._pending_optimizer_state)
-            self._pending_optimizer_state = None
+    def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {
+            "generator": torch.optim.Adam(
+                self.generator.parameters(), lr=self.generator_lr, betas=(self.generator_beta1, 0.999)
+            )
+        }
+
+    def update_parameters(self, loss: torch.Tensor, optimization, step: int) -> None:
+        # One backward fills D's and G's gradients (each loss term reaches one network only); D steps through
+        # the engine's optimizer (clipping, GradScaler, schedule), then G through its own Adam.
+        optimization.update(loss)
+        generator_optimizer = optimization.extra["generator"]
         grads = [p.grad for p in self.generator.parameters() if p.grad is not None]
         if grads and bool(torch.stack([g.isfinite().all() for g in grads]).all()):
-            self.generator_optimizer.step()
-        self.generator_optimizer.zero_grad(set_to_none=True)
+            generator_optimizer.step()
+        generator_optimizer.zero_grad(set_to_none=True)
+
+    def backbone(self) -> nn.Module:
+        return unwrap(self.model).backbone
 
     def wrap_models(self, wrap) -> None:
         self.model = wrap(self.model)
@@ -167,25 +172,3 @@ class GanSSL(Method):
         images = generator(self.sample_z)
         generator.train(was_training)
         return {"gan/samples": (images.float() + 1.0) / 2.0}
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator_optimizer": _plain(self.generator_optimizer.state_dict())}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        # A private copy: the engine keeps the best checkpoint's state in memory, and Adam updates in place.
-        optimizer_state = _plain(state["generator_optimizer"], clone=True)
-        for group in optimizer_state["param_groups"]:
-            group["betas"] = tuple(group["betas"])
-        self._pending_optimizer_state = optimizer_state
-
-
-def _plain(value: Any, clone: bool = False) -> Any:
-    """Tuples -> lists, recursively (a checkpoint holds only tensors, dicts, lists, numbers, strings, None);
-    tensors are cloned when `clone`."""
-    if isinstance(value, dict):
-        return {key: _plain(item, clone) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item, clone) for item in value]
-    if clone and isinstance(value, torch.Tensor):
-        return value.clone()
-    return value

@@ -11,8 +11,9 @@ from torch import nn
 
 from semimed.errors import SemimedError
 from semimed.losses import probabilities, supervised_loss
-from semimed.methods.base import METHODS, Batch, Method, StepOutput
-from semimed.methods.common import ema_decay, ema_update_, pseudo_label_logs, sigmoid_rampup, unwrap
+from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
+from semimed.methods.common import ema_decay, ema_update_, pseudo_label_logs, sigmoid_rampup
+from semimed.models.backbones import unwrap_model as unwrap
 
 STUDENT_VIEWS = ("weak", "strong")
 
@@ -42,8 +43,6 @@ class MeanTeacher(Method):
     Logs: sup_loss, unsup_loss, unsup_weight, ema_decay, mask_rate (always 1) and pseudo_acc (the teacher's
     argmax — multi-label: p >= 0.5 — against the hidden labels; never trained on).
     """
-
-    uses_unlabeled = True
 
     def __init__(
         self,
@@ -77,6 +76,10 @@ class MeanTeacher(Method):
         self.teacher = copy.deepcopy(unwrap(model))
         self.teacher.requires_grad_(False)
 
+    @property
+    def needs(self) -> Needs:  # type: ignore[override]  (per instance: the student's view is a parameter)
+        return Needs(unlabeled=("weak", "strong") if self.student_view == "strong" else ("weak",))
+
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         n = len(batch.x)
         u_student = batch.u_strong if self.student_view == "strong" else batch.u_weak
@@ -104,6 +107,12 @@ class MeanTeacher(Method):
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x) if self.evaluate_teacher else self.model(x)
+
+    def backbone(self) -> nn.Module:
+        return self.teacher if self.evaluate_teacher else unwrap(self.model)
+
+    def evaluated_model(self) -> str:
+        return "teacher" if self.evaluate_teacher else "student"
 
     def networks(self):
         yield self.model

@@ -11,7 +11,7 @@ from torch import nn
 
 from semimed.errors import SemimedError
 from semimed.losses import probabilities, supervised_loss
-from semimed.methods.base import METHODS, Batch, Method, StepOutput
+from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
 from semimed.methods.common import (
     confidence_targets,
     linear_rampup,
@@ -38,7 +38,7 @@ class PseudoLabel(Method):
     Logs: sup_loss, unsup_loss, mask_rate, pseudo_acc (vs the hidden labels; never trained on), unsup_weight.
     """
 
-    uses_unlabeled = True
+    needs = Needs(unlabeled=("weak",))
 
     def __init__(
         self,

@@ -29,7 +29,6 @@ checkpoint, a `.safetensors` file or a torch state dict, always with `weights_on
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from semimed.errors import SemimedError, UnknownNameError
+from semimed.files import publish, staging_path
 from semimed.registry import Registry
 
 # Our own small networks; any other name is looked up in timm.
@@ -440,10 +440,9 @@ def save_backbone(model: nn.Module, path: str | Path, metadata: dict[str, object
     state = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap_model(model).state_dict().items()}
     text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     text["format"] = "semimed-backbone-1"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = staging_path(path)
     save_file(state, str(tmp), metadata=text)
-    os.replace(tmp, path)
-    return path
+    return publish(tmp, path)
 
 
 def read_backbone_metadata(path: str | Path) -> dict[str, str]:
