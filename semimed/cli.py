@@ -11,16 +11,11 @@ from semimed.errors import SemimedError
 
 def _cmd_split(args: argparse.Namespace) -> None:
     from semimed.config import DataConfig
-    from semimed.data import load_dataset
+    from semimed.data import dataset_spec, load_dataset
     from semimed.data.splits import make_split, summarize
 
     data_cfg = DataConfig(
-        dataset=args.dataset,
-        root=args.root,
-        task=args.task or DataConfig.task,
-        magnification=args.magnification,
-        view=args.view,
-        drop_missing=args.drop_missing,
+        dataset=args.dataset, root=args.root, task=args.task, options=_dataset_options(args)
     )
     dataset = load_dataset(data_cfg)
     split = make_split(
@@ -35,6 +30,7 @@ def _cmd_split(args: argparse.Namespace) -> None:
         f"{dataset.name}/{dataset.task}: {len(dataset)} images, {len(set(dataset.patients))} patients; "
         f"seed {split.seed}, label fraction {split.fraction:g}, {split.protocol}"
     )
+    print(f"split rule: {dataset_spec(args.dataset).split_rule}")
     print(f"patients per split: {split.patients}")
     print(wide.to_string())
     for note in split.warnings:
@@ -51,32 +47,117 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         args.size,
         args.out,
         task=args.task,
-        view=args.view,
-        magnification=args.magnification,
-        drop_missing=args.drop_missing,
         workers=args.workers,
         rebuild=args.rebuild,
         download=args.download,
+        **_dataset_options(args),
     )
     print("\n".join(result.lines))
 
 
+# Dataset options become flags of `split` and `prepare` (`magnification` -> --magnification), generated from the
+# registered specs' options dataclasses; the parsed value lands in args.<_OPTION_DEST><name>.
+_OPTION_DEST = "dataset_option_"
+
+
+def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    """The dataset positional, --root, --task and one flag per dataset option, all from the registry."""
+    import typing
+
+    from semimed.data import DATASETS, dataset_spec
+
+    specs = [dataset_spec(name) for name in DATASETS.names()]
+    p.add_argument(
+        "dataset",
+        choices=[spec.name for spec in specs],
+        help="; ".join(f"{spec.name}: {spec.description}" for spec in specs),
+    )
+    p.add_argument(
+        "--root", required=True, help="; ".join(f"{spec.name}: {spec.root_help}" for spec in specs)
+    )
+    p.add_argument(
+        "--task",
+        default="",
+        help="the dataset's task, * = its default (used when --task is not given): "
+        + "; ".join(
+            f"{spec.name}: {' | '.join(t + '*' * (t == spec.default_task) for t in spec.tasks)} "
+            f"({spec.task_help})"
+            for spec in specs
+        ),
+    )
+    owners: dict[str, list] = {}
+    for spec in specs:
+        for item in spec.option_fields():
+            owners.setdefault(item.name, []).append((spec, item))
+    for name, pairs in owners.items():
+        kind = typing.get_type_hints(pairs[0][0].options)[name]
+        helps = "; ".join(
+            f"{owner.name}: {field.metadata['help']}"
+            + ("" if kind is bool else f" (default: {field.default})")
+            for owner, field in pairs
+        )
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, dest=_OPTION_DEST + name, action="store_true", default=None, help=helps)
+            continue
+        shared = {tuple(field.metadata.get("choices") or ()) for _, field in pairs}
+        choices = next(iter(shared)) if len(shared) == 1 and next(iter(shared)) else None
+        p.add_argument(flag, dest=_OPTION_DEST + name, type=kind, choices=choices, default=None, help=helps)
+
+
+def _downloadable() -> list[str]:
+    from semimed.data import DATASETS, dataset_spec
+
+    return [name for name in DATASETS.names() if dataset_spec(name).fetch is not None]
+
+
+def _dataset_options(args: argparse.Namespace) -> dict:
+    """The dataset option flags given on the command line; one that the chosen dataset lacks is an error."""
+    from semimed.data import dataset_spec
+
+    spec = dataset_spec(args.dataset)
+    own = {item.name for item in spec.option_fields()}
+    given = {
+        key.removeprefix(_OPTION_DEST): value
+        for key, value in vars(args).items()
+        if key.startswith(_OPTION_DEST) and value is not None
+    }
+    foreign = sorted(set(given) - own)
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        valid = ", ".join("--" + name.replace("_", "-") for name in sorted(own)) or "none"
+        raise SemimedError(f"{flags}: not an option of dataset {spec.name!r} (its options: {valid})")
+    return given
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from semimed.config import load_config
+    from semimed.runs import RUN_FILE, default_run_name
 
     cfg = load_config(args.config, args.overrides)
+    if not cfg.name:
+        if args.resume:
+            raise SemimedError(
+                "--resume needs the run's name: pass name=RUN_NAME, or the run's own config "
+                "(semimed train RUN_DIR/config.yaml --resume)"
+            )
+        cfg = dataclasses.replace(cfg, name=default_run_name(cfg))
+    run_dir = Path(cfg.output_dir).expanduser() / cfg.name
+    if args.resume and not (run_dir / RUN_FILE).is_file():
+        raise SemimedError(f"{run_dir}: no run to resume (no {RUN_FILE})")
+    print(f"run directory: {run_dir.resolve()}")
     if args.local:
         from semimed.experiment import run_training
 
-        run_dir = Path(cfg.output_dir) / cfg.name
-        print(f"run directory: {run_dir.resolve()}")
         final = run_training(cfg, run_dir)
     else:
         from semimed.train import train_once
 
-        print(f"run directory: {(Path(cfg.output_dir) / cfg.name).resolve()}")
         final = train_once(cfg, args.address)
     _print_metrics(final)
+    print(f"run directory: {run_dir.resolve()}")
 
 
 def _print_metrics(final: dict) -> None:
@@ -92,6 +173,8 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
     space = load_search_space(args.search_space, args.overrides)
     experiment = f"{resolve_storage(args.storage).rstrip('/')}/{space.name}"
+    for note in space.override_notes:  # where each command-line override went (rules: semimed/tune.py)
+        print(note)
     if args.dry_run:
         print(f"{len(space.trials)} trial(s) of {space.name} -> {experiment}")
         print("\n".join(describe_trials(space)))
@@ -99,7 +182,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     from semimed.train import init_ray
     from semimed.tune import run_sweep
 
-    print(f"experiment directory: {experiment}")
+    print(f"{len(space.trials)} trial(s); experiment directory: {experiment}")
     init_ray(args.address)
     run_sweep(space, args.storage, resume=args.resume)
     print(f"experiment directory: {experiment}")
@@ -107,10 +190,18 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
+    import warnings
+
     from semimed.report import write_report
 
-    _, text = write_report(args.experiment_dir)
+    # The report's own warnings (skipped trials, unusable predictions) become plain lines after the tables;
+    # unfinished trials are listed in the markdown itself.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, text = write_report(args.experiment_dir)
     print(text)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"warning: {message}", file=sys.stderr)
     print(f"wrote {Path(args.experiment_dir) / 'report.csv'}, report.md, report.png")
 
 
@@ -160,58 +251,81 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "split", help="draw a patient-disjoint split with a labeled fraction; print and save it"
     )
-    p.add_argument("dataset", choices=["breakhis", "chestxray14", "medmnist"])
-    p.add_argument("--root", required=True)
-    p.add_argument("--task", default="")
-    p.add_argument("--magnification", default="all")
-    p.add_argument("--view", default="all")
-    p.add_argument("--fraction", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-fraction", type=float, default=0.3)
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--val-policy", default="full")
-    p.add_argument("--drop-missing", action="store_true", help="chestxray14: drop rows whose image is absent")
-    p.add_argument("--out", required=True)
+    _add_dataset_arguments(p)
+    p.add_argument(
+        "--fraction", type=float, default=1.0, help="share of the training images that keep labels"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="split seed (the patient split and the labeled subset)"
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.3,
+        help="of the patients, where the dataset has no official test set",
+    )
+    p.add_argument("--val-fraction", type=float, default=0.15, help="of the training patients")
+    p.add_argument(
+        "--val-policy",
+        default="full",
+        choices=["full", "fraction", "none"],
+        help="full: every val image labeled; fraction: val labeled at --fraction; none: no val",
+    )
+    p.add_argument("--out", required=True, help="split JSON to write (data.split_file of a run)")
     p.set_defaults(func=_cmd_split)
 
     p = sub.add_parser(
         "prepare", help="decode every image once into the cache that runs with data.cache_dir read"
     )
-    p.add_argument("dataset", choices=["breakhis", "chestxray14", "medmnist"])
-    p.add_argument("--root", required=True, help="dataset folder (medmnist: the .npz file)")
+    _add_dataset_arguments(p)
     p.add_argument("--size", type=int, required=True, help="side in pixels (= data.image_size of the runs)")
     p.add_argument("--out", required=True, help="cache directory (= data.cache_dir of the runs)")
-    p.add_argument("--task", default="")
-    p.add_argument("--magnification", default="all")
-    p.add_argument("--view", default="all")
-    p.add_argument(
-        "--drop-missing",
-        action="store_true",
-        help="chestxray14: drop metadata rows whose image is absent (counted in the manifest)",
-    )
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores, at most 8)")
     p.add_argument("--rebuild", action="store_true", help="decode again even if a complete cache exists")
     p.add_argument(
         "--download",
         action="store_true",
-        help="medmnist: fetch --root through the optional medmnist package if it does not exist",
+        help="fetch --root if it does not exist (datasets with a download: "
+        + (", ".join(_downloadable()) or "none")
+        + ")",
     )
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("train", help="one training run (Ray Train; --local: in this process)")
-    p.add_argument("config")
+    p = sub.add_parser(
+        "train",
+        help="one training run (Ray Train; --local: in this process)",
+        description="One training run into OUTPUT_DIR/NAME. Without `name`, a new folder "
+        "<method>-<dataset>-<time>-<hash> is made; with a `name` whose folder holds the same run (same config, "
+        "split and code), the run resumes there; a folder holding another run is refused, untouched.",
+    )
+    p.add_argument("config", help="run config YAML (keys and defaults: semimed/config.py)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a private local Ray)")
     p.add_argument("--local", action="store_true", help="run the engine directly, without Ray")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="the run folder must hold this run already (e.g. semimed train RUN_DIR/config.yaml --resume)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sweep", help="a Ray Tune sweep over a search-space YAML")
     p.add_argument("search_space")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted key=value overrides: a grid axis's key replaces the axis by that value; a key inside "
+        "whole-section grid values (method.params.threshold under `method`) is set in each of them; a sampled "
+        "key is an error; any other key sets the base config. The sweep prints where each one went",
+    )
     p.add_argument("--address", default=None)
     p.add_argument("--storage", default=None, help="results root (local path, NFS path or s3://…)")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print where the overrides went, the trials and their resources; run nothing",
+    )
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("submit", help="submit a sweep to a Ray cluster (Ray Job API) and follow it")
@@ -255,7 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `key=value` overrides may follow the flags (`semimed train c.yaml --local train.steps=5`), which argparse's
+    # positional `nargs="*"` does not take once an option came between.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
     except SemimedError as exc:

@@ -61,11 +61,12 @@ def _check_choices(section: Any, where: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "breakhis"  # breakhis | chestxray14 | medmnist
+    dataset: str = "breakhis"  # a name in semimed.data.DATASETS: breakhis | chestxray14 | medmnist
     root: str = ""  # dataset root (a folder, or the .npz file for medmnist)
-    task: str = "binary"  # breakhis: binary | subtype; chestxray14: findings; medmnist: default
-    magnification: str = "all"  # breakhis: 40 | 100 | 200 | 400 | all
-    view: str = "all"  # chestxray14: PA | AP | all
+    task: str = ""  # one of the dataset's tasks; "" = its default (breakhis: binary)
+    # The dataset's own loader options (breakhis: magnification; chestxray14: view, drop_missing), checked against
+    # its options dataclass and saved with every default filled in (semimed/data/spec.py).
+    options: dict[str, Any] = field(default_factory=dict)
     image_size: int = 64
     fraction: float = 0.1  # share of the training images that keep their labels
     split_seed: int | None = None  # None: the run's seed (BreakHis' 5 repeats are 5 split seeds)
@@ -74,12 +75,57 @@ class DataConfig:
     val_policy: str = choices("full", "fraction", "none", default="full")  # docs/study-protocol.md rule 7
     split_file: str = ""  # use a saved split JSON instead of drawing one
     cache_dir: str = ""  # decode-once cache; "" = ~/.cache/semimed
-    drop_missing: bool = (
-        False  # chestxray14: drop metadata rows whose image is absent (else: stop, naming them)
-    )
 
     def __post_init__(self) -> None:
         _check_choices(self, "data")
+        task, options = resolve_dataset(self.dataset, self.task, self.options)
+        # Resolved in place (a frozen dataclass allows it only here), so the saved config says what ran.
+        object.__setattr__(self, "task", task)
+        object.__setattr__(self, "options", options)
+
+
+# Keys that moved, and where to: a config or override that still uses one is told the new spelling.
+MOVED_KEYS = {
+    "data.magnification": "data.options.magnification",
+    "data.view": "data.options.view",
+    "data.drop_missing": "data.options.drop_missing",
+}
+
+
+def resolve_dataset(dataset: str, task: str, options: Any) -> tuple[str, dict[str, Any]]:
+    """(task, options) of a data section, checked against the dataset's registered spec: "" -> the default
+    task; options typed and complete (defaults filled in). Raises naming data.dataset, data.task or
+    data.options.<key> and the valid values."""
+    # Here, not at the top: semimed.data imports this module (and pandas); configs that are never built
+    # do not pay for it.
+    from semimed.data import dataset_spec
+
+    spec = dataset_spec(dataset)
+    task = task or spec.default_task
+    if task not in spec.tasks:
+        raise SemimedError(
+            f"unknown data.task {task!r} for dataset {spec.name!r}; valid: {', '.join(spec.tasks)} "
+            f'(or "" for {spec.default_task})'
+        )
+    return task, check_options(spec.options, options, "data.options", f"dataset {spec.name!r}")
+
+
+def check_options(cls: type, values: Any, where: str, owner: str) -> dict[str, Any]:
+    """`values` checked against the options dataclass `cls` like a config section (unknown keys, types,
+    choices), returned as a complete dict."""
+    if not isinstance(values, dict):
+        raise SemimedError(f"{where}: expected a mapping, got {type(values).__name__}")
+    valid = [item.name for item in dataclasses.fields(cls)]
+    for key in values:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SemimedError(
+                f"unknown option {where}.{key} for {owner}{hint}; valid: {', '.join(valid) or 'none'}"
+            )
+    built = _build(cls, values, where)
+    _check_choices(built, where)
+    return dataclasses.asdict(built)
 
 
 @dataclass(frozen=True)
@@ -140,7 +186,7 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "run"
+    name: str = ""  # the run's folder under output_dir; "" = <method>-<dataset>-<time>-<hash> (a new run)
     seed: int = 0
     output_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
@@ -171,6 +217,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     for key, value in values.items():
         dotted = f"{where}.{key}" if where else key
         if key not in fields:
+            if dotted in MOVED_KEYS:
+                raise SemimedError(f"config key {dotted!r} is now {MOVED_KEYS[dotted]!r}")
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise SemimedError(f"unknown config key {dotted!r}{hint}; valid: {', '.join(sorted(fields))}")

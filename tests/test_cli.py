@@ -54,6 +54,28 @@ def test_split_prints_the_table_and_writes_json(demo_roots, tmp_path, capsys):
     assert (tmp_path / "again.json").read_bytes() == out_file.read_bytes()
 
 
+def test_split_with_a_dataset_option_flag(demo_roots, tmp_path, capsys):
+    out_file = tmp_path / "split.json"
+    code, out, _ = run(
+        capsys,
+        "split",
+        "breakhis",
+        "--root",
+        str(demo_roots["breakhis"]),
+        "--magnification",
+        "40",
+        "--task",
+        "subtype",
+        "--out",
+        str(out_file),
+    )
+    assert code == 0
+    split = json.loads(out_file.read_text())
+    paths = split["train"] + split["val"] + split["test"]
+    assert paths and all("/40X/" in path for path in paths) and split["task"] == "subtype"
+    assert "split rule: random patient-disjoint" in out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -70,7 +92,23 @@ def test_split_prints_the_table_and_writes_json(demo_roots, tmp_path, capsys):
             ["split", "breakhis", "--root", "{demo}", "--fraction", "0.0005", "--out", "{tmp}/s.json"],
             "the smallest fraction that labels every class is",
         ),
+        (
+            ["split", "breakhis", "--root", "{demo}", "--view", "PA", "--out", "{tmp}/s.json"],
+            "--view: not an option of dataset 'breakhis' (its options: --magnification)",
+        ),
+        (
+            ["split", "breakhis", "--root", "{demo}", "--task", "findings", "--out", "{tmp}/s.json"],
+            "unknown data.task 'findings' for dataset 'breakhis'; valid: binary, subtype",
+        ),
+        (
+            ["prepare", "breakhis", "--root", "{demo}", "--size", "16", "--out", "{tmp}/c", "--download"],
+            "--download is not available for breakhis",
+        ),
         (["train", "{tmp}/c.yaml", "--local"], "unknown config key 'train.stpes'"),
+        (
+            ["train", "{tmp}/ok.yaml", "data.magnification=40", "--local"],
+            "config key 'data.magnification' is now 'data.options.magnification'",
+        ),
         (["train", "{tmp}/c.yaml", "train.stpes=5", "--local"], "unknown config key 'train.stpes'"),
         (["train", "{tmp}/ok.yaml", "method.name=fixmach", "--local"], "unknown method 'fixmach'; valid:"),
         (
@@ -125,5 +163,6 @@ def test_ssl_at_full_labels_uses_every_training_image_as_unlabeled(demo_roots, t
     _, data, split = build_run(cfg)
     assert split.unlabeled == []
     train_rows = split.indices(load_dataset(cfg.data))["train"]
-    assert sorted(data.unlabeled.indices.tolist()) == sorted(train_rows.tolist())
+    pool = data.unlabeled_stream([("u_weak", "weak")]).indices
+    assert sorted(pool.tolist()) == sorted(train_rows.tolist())
     assert run_training(cfg, tmp_path / "run", show_progress=False)["step"] == 4

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from semimed.config import TrainConfig
-from semimed.data.views import ImageView
 from semimed.engine import RunData, build_optimizer, fit, lr_factor
 from semimed.errors import SemimedError
 from semimed.methods import Batch, create_method
@@ -19,16 +18,6 @@ from semimed.models.backbones import create_backbone
 
 TRUNK = "features.1.3.weight"  # a conv in the middle of small_cnn
 BN = "features.1.1"  # a BatchNorm of small_cnn's trunk
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: a second intra-op thread spin-waits against the other processes on the machine (a
-    # 40-step small_cnn run took 50 s with 2 threads under load, 1.3 s with one). These models gain nothing from it.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make(strategy: str, **params) -> nn.Module:
@@ -40,7 +29,7 @@ def make(strategy: str, **params) -> nn.Module:
 def batch(seed: int = 0) -> Batch:
     generator = torch.Generator().manual_seed(seed)
     return Batch(
-        torch.randn(8, 1, 16, 16, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+        x=torch.randn(8, 1, 16, 16, generator=generator), y=torch.randint(0, 3, (8,), generator=generator)
     )
 
 
@@ -151,7 +140,7 @@ def test_multilabel_with_unknown_entries() -> None:
     model = create_backbone("small_cnn", num_classes=4, in_chans=1)
     method = create_method("finetune", model, 4, True, strategy="full")
     y = torch.tensor([[1.0, 0.0, float("nan"), 0.0]]).repeat(8, 1)
-    out = method.train_step(Batch(torch.randn(8, 1, 16, 16), y), 0)
+    out = method.train_step(Batch(x=torch.randn(8, 1, 16, 16), y=y), 0)
     assert torch.isfinite(out.loss) and out.loss.item() > 0
 
 
@@ -180,17 +169,14 @@ def test_engine_runs_a_gradual_schedule_end_to_end(make_single_label_set, tmp_pa
     """Through `fit`: the trunk is untouched at the end of the probe (checkpoint at step 4), trained after."""
     dataset = make_single_label_set(num_classes=2, patients_per_class=4, images_per_patient=4, size=16)
     pixels = np.stack([dataset.read_image(i).transpose(2, 0, 1) for i in range(len(dataset))])
-    targets = torch.from_numpy(dataset.labels.copy())
     rows = np.arange(len(dataset))
-    identity = nn.Identity()
     data = RunData(
-        labeled=ImageView(pixels, targets, rows, identity),
-        unlabeled=None,
-        val=None,
-        test=ImageView(pixels, targets, rows, identity),
+        pixels=pixels,
+        targets=dataset.labels,
+        rows={"labeled": rows, "test": rows},
         classes=dataset.classes,
         multilabel=False,
-        targets=dataset.labels,
+        labeled_augment="none",
     )
     torch.manual_seed(0)
     model = create_backbone("small_cnn", num_classes=2, in_chans=3)

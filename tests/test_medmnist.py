@@ -223,7 +223,8 @@ def test_train_augment_none_keeps_the_labeled_view_fixed(tmp_path: Path) -> None
             train=TrainConfig(augment=augment),
         )
         _, data, _ = build_run(cfg)
-        return [data.labeled[0][0] for _ in range(6)]
+        stream = data.labeled_stream()
+        return [stream[0]["x"] for _ in range(6)]
 
     torch.manual_seed(0)
     fixed = labeled_views("none")
@@ -267,6 +268,5 @@ def test_report_puts_the_published_row_beside_a_breastmnist_reproduction(tmp_pat
     _fake_run(tmp_path / "other" / "runs" / "s1", "/d/pneumoniamnist_64.npz", "resnet18_28", 0, 0.9, 0.8)
     assert published_comparison(tmp_path / "other") == ""
     cfg = yaml.safe_load((tmp_path / "exp" / "runs" / "s0" / "config.yaml").read_text())
-    assert (
-        cfg["train"]["augment"] == "weak" and cfg["data"]["drop_missing"] is False
-    )  # the new keys' defaults
+    assert cfg["train"]["augment"] == "weak"  # the new keys' defaults
+    assert (cfg["data"]["task"], cfg["data"]["options"]) == ("default", {})  # medmnist's task, no options

@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from semimed.data.augment import build_transform
-from semimed.data.views import ImageView, TwoView
-from semimed.engine import RunData, fit, latest_checkpoint, load_checkpoint, method_state
+from semimed.config import TrainConfig
+from semimed.engine import Optimization, RunData, fit, latest_checkpoint, load_checkpoint
 from semimed.errors import SemimedError
 from semimed.methods import METHODS, Batch, create_method
 from semimed.methods.common import (
@@ -30,7 +29,8 @@ from semimed.models.backbones import create_backbone
 from semimed.models.gan import Generator, seed_side
 
 SIZE = 16
-SSL_METHODS = ["pseudo_label", "fixmatch", "mean_teacher", "gan_ssl"]
+# The methods of the published SSL studies (search_spaces/*_ssl.yaml).
+STUDY_SSL_METHODS = {"pseudo_label", "fixmatch", "mean_teacher", "gan_ssl"}
 
 
 def _params(name: str, **extra) -> dict:
@@ -40,21 +40,16 @@ def _params(name: str, **extra) -> dict:
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tiny networks gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _method(name: str, multilabel: bool, seed: int = 0, **params):
     num_classes = 3 if multilabel else 2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = create_backbone("small_cnn", num_classes, 3)
         return create_method(name, model, num_classes, multilabel, **_params(name, **params))
+
+
+# Every registered method that reads unlabeled images: a new one is tested here without editing this file.
+SSL_METHODS = [name for name in METHODS.names() if _method(name, False).needs.unlabeled]
 
 
 def _batch(multilabel: bool, seed: int = 0, n: int = 6, mu: int = 2) -> Batch:
@@ -70,7 +65,7 @@ def _batch(multilabel: bool, seed: int = 0, n: int = 6, mu: int = 2) -> Batch:
     else:
         y = torch.randint(0, 2, (n,), generator=g)
         u_true = torch.randint(0, 2, (mu * n,), generator=g)
-    return Batch(x, y, u_weak, u_strong, u_true)
+    return Batch(x=x, y=y, u_weak=u_weak, u_strong=u_strong, u_true=u_true)
 
 
 def _step(method, batch: Batch, step: int = 0, seed: int = 0):
@@ -160,9 +155,8 @@ def test_ema_update_by_hand():
 
 
 def test_every_ssl_method_is_registered():
-    assert set(SSL_METHODS) <= set(METHODS.names())
-    for name in SSL_METHODS:
-        assert METHODS.get(name).uses_unlabeled
+    assert STUDY_SSL_METHODS <= set(SSL_METHODS)
+    assert "supervised" in METHODS.names() and "supervised" not in SSL_METHODS
 
 
 # ----------------------------------------------------------------------------------------- one train_step
@@ -338,9 +332,7 @@ def test_gan_ssl_needs_the_image_size_and_checks_it():
     with pytest.raises(SemimedError, match="image_size"):
         create_method("gan_ssl", create_backbone("small_cnn", 2, 3), 2, False)
     method = _method("gan_ssl", False)
-    bigger = Batch(
-        torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    )
+    bigger = Batch(x=torch.randn(2, 3, 32, 32), y=torch.tensor([0, 1]), u_weak=torch.randn(4, 3, 32, 32))
     with pytest.raises(SemimedError, match="data.image_size"):
         method.train_step(bigger, 0)
     assert method.generator.channels == 3
@@ -401,12 +393,21 @@ def test_gan_ssl_multilabel_has_a_real_fake_head_on_the_shared_trunk():
     assert logits.shape == (6, 3)
 
 
+def _optimization(method) -> Optimization:
+    return Optimization(method, TrainConfig(device="cpu"), torch.device("cpu"))
+
+
 def test_gan_ssl_generator_steps_in_the_method_and_samples_use_the_unwrapped_generator():
     method = _method("gan_ssl", False, samples=5)
+    optimization = _optimization(method)
+    assert set(optimization.extra) == {"generator"}
+    generator_params = {id(p) for g in optimization.extra["generator"].param_groups for p in g["params"]}
+    assert generator_params == {id(p) for p in method.generator.parameters()}
     before = [p.detach().clone() for p in method.generator.parameters()]
-    _step(method, _batch(False)).loss.backward()
-    method.after_optimizer_step(0)
+    d_before = [p.detach().clone() for p in method.model.parameters()]
+    method.update_parameters(_step(method, _batch(False)).loss, optimization, 0)
     assert any(not torch.equal(a, b) for a, b in zip(before, method.generator.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(d_before, method.model.parameters(), strict=True))
     assert all(p.grad is None for p in method.generator.parameters())
     method.wrap_models(lambda net: _FakeDDP(net, forward_ok=net is not method.generator))
     grid = method.tensorboard_images()["gan/samples"]
@@ -417,32 +418,21 @@ def test_gan_ssl_generator_steps_in_the_method_and_samples_use_the_unwrapped_gen
 
 def test_gan_ssl_skips_a_generator_step_with_non_finite_gradients():
     method = _method("gan_ssl", False)
+    optimization = _optimization(method)
     before = [p.detach().clone() for p in method.generator.parameters()]
+    out = _step(method, _batch(False))
     for p in method.generator.parameters():
-        p.grad = torch.full_like(p, float("inf"))
-    method.after_optimizer_step(0)
+        p.grad = torch.full_like(p, float("inf"))  # the backward below adds to them: still not finite
+    method.update_parameters(out.loss, optimization, 0)
     assert all(torch.equal(a, b) for a, b in zip(before, method.generator.parameters(), strict=True))
+    assert all(p.grad is None for p in method.generator.parameters())
 
 
-def test_gan_ssl_generator_optimizer_state_survives_a_weights_only_checkpoint(tmp_path):
-    method = _method("gan_ssl", False)
-    for step in range(2):
-        _step(method, _batch(False, seed=step), step=step).loss.backward()
-        method.after_optimizer_step(step)
-    torch.save({"method": method_state(method)}, tmp_path / "state.pt")
-    loaded = torch.load(tmp_path / "state.pt", weights_only=True)["method"]
-    restored = _method("gan_ssl", False, seed=1)
-    restored.load_state_dict(loaded)
-    assert restored.generator_optimizer.state_dict()["state"] == {}  # deferred to the first step (device)
-    for method_ in (method, restored):  # one more identical step on both
-        _step(method_, _batch(False, seed=9), step=2, seed=9).loss.backward()
-        method_.after_optimizer_step(2)
-    state_a, state_b = method.generator_optimizer.state_dict(), restored.generator_optimizer.state_dict()
-    assert float(state_b["state"][0]["step"]) == 3.0
-    for index, values in state_a["state"].items():
-        torch.testing.assert_close(values["exp_avg_sq"], state_b["state"][index]["exp_avg_sq"])
-    for a, b in zip(method.generator.parameters(), restored.generator.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
+def test_gan_ssl_exports_the_classifier_in_its_own_layout():
+    method = _method("gan_ssl", True)
+    plain = create_backbone("small_cnn", 3, 3)
+    assert method.backbone() is method.model.backbone
+    assert list(method.backbone().state_dict()) == list(plain.state_dict())  # no `backbone.` prefix, no D head
 
 
 # ------------------------------------------------------------------------------ through the engine's loop
@@ -458,55 +448,63 @@ def _run_data(multilabel: bool, n: int = 40) -> RunData:
     else:
         labels = np.arange(n) % 2
         classes = ["benign", "malignant"]
-    targets = torch.from_numpy(labels)
     rows = np.arange(n)
-    weak, strong, none = (build_transform(kind, SIZE) for kind in ("weak", "strong", "none"))
-    return RunData(
-        labeled=ImageView(pixels, targets, rows[:8], weak),
-        unlabeled=TwoView(pixels, targets, rows[8:28], weak, strong),
-        val=ImageView(pixels, targets, rows[28:34], none),
-        test=ImageView(pixels, targets, rows[34:], none),
-        classes=classes,
-        multilabel=multilabel,
-        targets=labels,
+    parts = {"labeled": rows[:8], "unlabeled": rows[8:28], "val": rows[28:34], "test": rows[34:]}
+    return RunData(pixels=pixels, targets=labels, rows=parts, classes=classes, multilabel=multilabel)
+
+
+def _cfg(steps: int, **extra) -> TrainConfig:
+    return TrainConfig(
+        steps=steps, batch_size=4, unlabeled_ratio=2, eval_every=2, checkpoint_every=2, device="cpu", **extra
     )
 
 
-@pytest.mark.parametrize("name", SSL_METHODS)
-def test_fit_runs_checkpoints_and_resumes_each_method(name: str, tmp_path):
-    from semimed.config import TrainConfig
+class _Stop(RuntimeError):
+    pass
 
-    cfg = TrainConfig(
-        steps=4, batch_size=4, unlabeled_ratio=2, eval_every=2, checkpoint_every=2, device="cpu"
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        final = fit(_method(name, False), _run_data(False), cfg, run_dir=tmp_path, show_progress=False)
-    assert final["step"] == 4 and "test/roc_auc" in final
-    assert 0.0 <= final["train/mask_rate"] <= 1.0
-    state = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))  # weights_only=True inside
-    assert state["step"] == 4
-    resumed = _method(name, False, seed=1)
-    resumed.load_state_dict(state["method"])
-    if name == "mean_teacher":
-        assert any("teacher." in key for key in state["method"])
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_resumes_exactly_like_an_uninterrupted_run(name: str, tmp_path):
+    """Stopped after step 4 and resumed in a fresh process-like setting (new method object, other init), a run
+    ends with the same weights and optimizer state as one that ran through: the method's buffers, its extra
+    optimizers (GAN-SSL's generator Adam), the schedule and the data streams all continue where they were."""
+
+    def stop_at_4(metrics: dict, checkpoint: str | None) -> None:
+        if metrics["step"] == 4:
+            raise _Stop
+
+    def run(folder, report=None, seed=0):
+        method = _method(name, False, seed=seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            final = fit(method, _run_data(False), _cfg(6), run_dir=folder, report=report, show_progress=False)
+        return method, final
+
+    straight, straight_final = run(tmp_path / "straight")
+    with pytest.raises(_Stop):
+        run(tmp_path / "resumed", report=stop_at_4)
+    resumed, resumed_final = run(tmp_path / "resumed", seed=1)  # other init: the checkpoint must overwrite it
+    assert resumed_final["resumed_from_step"] == 4
+    a = load_checkpoint(latest_checkpoint(tmp_path / "straight" / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "resumed" / "checkpoints"))
+    assert a["method"].keys() == b["method"].keys()
+    for key in a["method"]:
+        assert torch.equal(a["method"][key], b["method"][key]), key
+    assert a["extra_optimizers"].keys() == b["extra_optimizers"].keys()
+    for opt in a["extra_optimizers"]:
+        for index, values in a["extra_optimizers"][opt]["state"].items():
+            for key, value in values.items():
+                assert torch.equal(value, b["extra_optimizers"][opt]["state"][index][key]), (opt, key)
+    assert resumed_final["test/roc_auc"] == straight_final["test/roc_auc"]
     if name == "gan_ssl":
-        assert state["method"]["_extra_state"]["generator_optimizer"]["state"]  # G's Adam moments are saved
-    longer = TrainConfig(
-        steps=6, batch_size=4, unlabeled_ratio=2, eval_every=2, checkpoint_every=2, device="cpu"
-    )
-    again = fit(resumed, _run_data(False), longer, run_dir=tmp_path, show_progress=False)
-    assert again["resumed_from_step"] == 4 and again["step"] == 6
+        assert a["extra_optimizers"]["generator"]["state"]  # G's Adam moments are in the checkpoint
+    if name == "mean_teacher":
+        assert any("teacher." in key for key in a["method"])
 
 
 def test_fit_multilabel_ssl_smoke(tmp_path):
-    from semimed.config import TrainConfig
-
-    cfg = TrainConfig(
-        steps=2, batch_size=4, unlabeled_ratio=2, eval_every=2, checkpoint_every=2, device="cpu"
-    )
     for name in SSL_METHODS:
-        final = fit(_method(name, True), _run_data(True), cfg, show_progress=False)
+        final = fit(_method(name, True), _run_data(True), _cfg(2), show_progress=False)
         assert np.isfinite(final["train/loss"]), name
 
 
@@ -527,7 +525,7 @@ def test_ssl_search_spaces_build_every_method_with_the_matched_control(
     loaded = load_search_space(Path(__file__).parents[1] / "search_spaces" / f"{space}.yaml")
     configs = [loaded.trial_config(cell) for cell in loaded.cells]
     names = {cfg.method.name for cfg in configs}
-    assert names == {"supervised", *SSL_METHODS}
+    assert names == {"supervised", *STUDY_SSL_METHODS}
     # The control and the SSL methods differ only in the method: same data, model and training settings.
     for field in ("data", "model", "train"):
         assert (
@@ -552,19 +550,10 @@ def test_ssl_search_spaces_build_every_method_with_the_matched_control(
 @pytest.mark.parametrize("name", SSL_METHODS)
 def test_fit_and_resume_on_cuda(name: str, amp: str, tmp_path):
     """Device placement without .cuda() in any method: the teacher and the generator follow the method, G's
-    Adam state from a checkpoint lands on the GPU (deferred load), fp16's GradScaler path runs."""
-    from semimed.config import TrainConfig
+    Adam state from a checkpoint lands on the GPU, fp16's GradScaler path runs."""
 
     def cfg(steps: int) -> TrainConfig:
-        return TrainConfig(
-            steps=steps,
-            batch_size=4,
-            unlabeled_ratio=2,
-            eval_every=2,
-            checkpoint_every=2,
-            device="cuda",
-            amp=amp,
-        )
+        return _cfg(steps, device="cuda", amp=amp)
 
     final = fit(_method(name, False), _run_data(False), cfg(2), run_dir=tmp_path, show_progress=False)
     assert np.isfinite(final["train/loss"])
@@ -572,8 +561,7 @@ def test_fit_and_resume_on_cuda(name: str, amp: str, tmp_path):
     again = fit(resumed, _run_data(False), cfg(4), run_dir=tmp_path, show_progress=False)
     assert again["resumed_from_step"] == 2 and np.isfinite(again["train/loss"])
     if name == "gan_ssl":
-        moments = resumed.generator_optimizer.state_dict()["state"][0]["exp_avg"]
-        assert moments.device.type == "cuda"
+        assert next(resumed.generator.parameters()).device.type == "cuda"
         assert resumed.tensorboard_images()["gan/samples"].device.type == "cuda"
     if name == "mean_teacher":
         assert next(resumed.teacher.parameters()).device.type == "cuda"
