@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from semimed.config import TrainConfig
-from semimed.data.augment import Normalizer, build_transform
-from semimed.data.views import ImageView
+from semimed.data.augment import Normalizer
 from semimed.engine import RunData, fit
 from semimed.methods import create_method
 from semimed.models.backbones import create_backbone
@@ -57,15 +56,13 @@ def bare_loop(model, images: torch.Tensor, labels: torch.Tensor, args, device) -
 
 def engine_loop(model, images: torch.Tensor, labels: torch.Tensor, args, device) -> float:
     method = create_method("supervised", model, num_classes=2, multilabel=False)
-    view = ImageView(images.numpy(), labels, np.arange(len(images)), build_transform("none", args.image_size))
     data = RunData(
-        labeled=view,
-        unlabeled=None,
-        val=None,
-        test=None,
+        pixels=images.numpy(),
+        targets=labels.numpy(),
+        rows={"labeled": np.arange(len(images))},
         classes=["a", "b"],
         multilabel=False,
-        targets=labels.numpy(),
+        labeled_augment="none",
         normalize=Normalizer(images.shape[1]),
     )
     timings: dict[str, float] = {}

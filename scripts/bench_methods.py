@@ -22,8 +22,6 @@ import numpy as np
 import torch
 
 from semimed.config import TrainConfig
-from semimed.data.augment import build_transform
-from semimed.data.views import ImageView, TwoView
 from semimed.engine import RunData, fit
 from semimed.methods import create_method
 from semimed.models.backbones import create_backbone
@@ -47,18 +45,13 @@ def synthetic_data(image_size: int, channels: int, labeled: int, unlabeled: int,
     rng = np.random.default_rng(seed)
     n = labeled + unlabeled
     pixels = rng.integers(0, 256, (n, channels, image_size, image_size), dtype=np.uint8)
-    labels = np.arange(n) % 2
-    targets = torch.from_numpy(labels)
     rows = np.arange(n)
-    weak, strong = build_transform("weak", image_size), build_transform("strong", image_size)
     return RunData(
-        labeled=ImageView(pixels, targets, rows[:labeled], weak),
-        unlabeled=TwoView(pixels, targets, rows[labeled:], weak, strong),
-        val=None,
-        test=None,
+        pixels=pixels,
+        targets=np.arange(n) % 2,
+        rows={"labeled": rows[:labeled], "unlabeled": rows[labeled:]},
         classes=["benign", "malignant"],
         multilabel=False,
-        targets=labels,
     )
 
 

@@ -21,6 +21,7 @@ import torch
 
 from semimed.config import Config, config_from_dict
 from semimed.experiment import prepare_run_dir, run_training
+from semimed.metrics import metric_names
 from semimed.runs import default_run_name
 
 
@@ -56,9 +57,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
 
 def summary_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """What goes to Ray: step, train/*, and summary val/test metrics. Per-class values (`val/roc_auc/benign`)
-    stay in the run's metrics.json and TensorBoard; they would flood Tune's tables and logs."""
-    return {k: v for k, v in metrics.items() if k.count("/") <= 1}
+    """What goes to Ray: bookkeeping (step, which checkpoint), train/* curves, and the registered summary metrics
+    of val/test (`semimed.metrics.METRICS`). Per-class values (`val/roc_auc/benign`) and thresholds stay in the
+    run's metrics.json and TensorBoard; they would flood Tune's tables and logs."""
+    summary = set(metric_names())
+    return {
+        k: v
+        for k, v in metrics.items()
+        if "/" not in k or k.startswith("train/") or k.split("/", 1)[1] in summary
+    }
 
 
 def _quiet_report_log() -> None:

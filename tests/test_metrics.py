@@ -10,10 +10,14 @@ from sklearn import metrics as skm
 
 from semimed.errors import SemimedError
 from semimed.metrics import (
+    METRICS,
+    TASKS,
     average_precision,
     choose_thresholds,
     confusion_matrix,
     evaluate_scores,
+    metric_names,
+    metrics_for,
     multilabel_metrics,
     roc_auc,
     single_label_metrics,
@@ -399,3 +403,53 @@ def test_evaluate_scores_dispatches():
     assert evaluate_scores(ym, scores, CLASSES_4, multilabel=True, thresholds=t) == multilabel_metrics(
         ym, scores, CLASSES_4, thresholds=t
     )
+
+
+# ------------------------------------------------------------------------------------------- the registry
+
+
+def _perfect(task: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None]:
+    """(y_true, scores, classes, patients) of a classifier that is right on every image, with margins."""
+    rng = np.random.default_rng(0)
+    if task == "multilabel":
+        y = rng.integers(0, 2, (30, 3)).astype(float)
+        y[0, :] = [1, 0, 1]
+        y[1, :] = [0, 1, 0]  # every finding has both values
+        y[2, 1] = np.nan  # unknown labels are masked, not errors
+        scores = np.where(np.nan_to_num(y) > 0.5, 0.9, 0.1)
+        return y, scores, ["a", "b", "c"], None
+    k = 2 if task == "binary" else 4
+    y = np.arange(30) % k
+    scores = np.full((30, k), 0.1 / (k - 1))
+    scores[np.arange(30), y] = 0.9
+    return y, scores, [f"c{i}" for i in range(k)], np.arange(30) // 3
+
+
+@pytest.mark.parametrize("name", METRICS.names())
+def test_every_registered_metric_is_one_for_a_perfect_classifier(name: str) -> None:
+    """All registered metrics are 'higher is better' in [0, 1]: a classifier right on every image scores 1,
+    per class too; each declares the tasks it applies to and its average."""
+    metric = METRICS.get(name)
+    assert metric.tasks and set(metric.tasks) <= set(TASKS) and metric.average
+    for task in metric.tasks:
+        y, scores, classes, patients = _perfect(task)
+        values = evaluate_scores(y, scores, classes, task == "multilabel", patients)
+        keys = [name.replace("{class}", c) for c in classes] if metric.per_class else [name]
+        for key in keys:
+            assert values[key] == pytest.approx(1.0), (task, key)
+
+
+def test_evaluate_scores_gives_exactly_the_registered_metrics_of_the_task() -> None:
+    for task in TASKS:
+        y, scores, classes, patients = _perfect(task)
+        values = evaluate_scores(y, scores, classes, task == "multilabel", patients)
+        expected = set()
+        for metric in metrics_for(task, has_patients=patients is not None):
+            expected |= (
+                {metric.name.replace("{class}", c) for c in classes} if metric.per_class else {metric.name}
+            )
+        assert set(values) == expected, task
+    assert "patient_accuracy" in metric_names("binary") and "patient_accuracy" not in metric_names(
+        "multilabel"
+    )
+    assert "sensitivity" in metric_names("binary") and "sensitivity" not in metric_names("multiclass")

@@ -205,7 +205,7 @@ def test_a_select_metric_typo_is_an_error_naming_the_valid_ones() -> None:
 
 
 def test_a_select_metric_of_the_other_task_is_an_error(demo_roots, tmp_path: Path) -> None:
-    with pytest.raises(SemimedError, match="'subset_accuracy' is not defined for this single-label task"):
+    with pytest.raises(SemimedError, match="'subset_accuracy' is not defined for this binary task"):
         run_training(config(demo_roots, "train.select_metric=subset_accuracy"), tmp_path, show_progress=False)
 
 

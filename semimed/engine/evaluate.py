@@ -27,7 +27,7 @@ from semimed.errors import SemimedError
 from semimed.files import publish, staging_path
 from semimed.losses import probabilities
 from semimed.methods.base import Method
-from semimed.metrics import available_metrics, choose_thresholds, evaluate_scores
+from semimed.metrics import choose_thresholds, evaluate_scores, metric_names, task_of
 
 PREDICTIONS_FILE = "predictions.parquet"
 
@@ -120,12 +120,12 @@ class Evaluator:
     ) -> None:
         self.method, self.data = method, data
         self.select_metric = select_metric or "roc_auc"
-        available = available_metrics(data.multilabel, data.patient_ids is not None)
+        task = task_of(len(data.classes), data.multilabel)
+        available = metric_names(task, has_patients=data.patient_ids is not None)
         if self.select_metric not in available:
-            kind = "multi-label" if data.multilabel else "single-label"
             raise SemimedError(
-                f"train.select_metric {self.select_metric!r} is not defined for this {kind} task; "
-                f"valid: {', '.join(sorted(available))}"
+                f"train.select_metric {self.select_metric!r} is not defined for this {task} task; "
+                f"valid: {', '.join(available)}"
             )
         self.batch_size, self.device, self.autocast = batch_size, device, autocast
         self.rank, self.world, self.channels_last, self.normalize = rank, world, channels_last, normalize

@@ -1,16 +1,13 @@
-"""Evaluation metrics as pure numpy functions.
+"""Metric building blocks as pure numpy functions: ROC-AUC, average precision, confusion matrix, threshold
+choice, and the helpers the registered metrics share (semimed/metrics/registry.py).
 
-Everything here takes numpy arrays and returns plain floats (or a flat ``dict[str, float]``) so the
-training engine, Ray Tune reporting and the offline report all read the same numbers. There is no torch
-and no scikit-learn here: the values are checked against scikit-learn in ``tests/test_metrics.py``.
+There is no torch and no scikit-learn here: the values are checked against scikit-learn in
+``tests/test_metrics.py``. Undefined values (an AUC for a class that has only one value in ``y_true``, a
+precision for a class that is never predicted, ...) are NaN, each with a ``RuntimeWarning`` naming the class.
+Macro averages skip NaN entries (``np.nanmean`` semantics) and are NaN, silently, when every entry is NaN.
 
-Undefined values (an AUC for a class that has only one value in ``y_true``, a precision for a class that
-is never predicted, ...) are NaN, each with a ``RuntimeWarning`` naming the class. Macro averages skip
-NaN entries (``np.nanmean`` semantics) and are NaN, silently, when every entry is NaN.
-
-Conventions:
-    N = number of samples, K = number of classes (single-label) or findings (multi-label).
-    A multi-label prediction is positive when ``score >= threshold``.
+Conventions: N = number of samples, K = number of classes (single-label) or findings (multi-label). A
+multi-label prediction is positive when ``score >= threshold``.
 """
 
 from __future__ import annotations
@@ -22,40 +19,7 @@ import numpy as np
 
 from semimed.errors import SemimedError
 
-__all__ = [
-    "THRESHOLD_RULES",
-    "average_precision",
-    "choose_thresholds",
-    "confusion_matrix",
-    "evaluate_scores",
-    "multilabel_metrics",
-    "roc_auc",
-    "single_label_metrics",
-]
-
 THRESHOLD_RULES = ("youden", "f1")
-# Summary metrics (higher is better) that `train.select_metric` may name; which apply depends on the task.
-SELECTABLE_METRICS = (
-    "accuracy",
-    "average_precision",
-    "balanced_accuracy",
-    "f1_macro",
-    "hamming_accuracy",
-    "patient_accuracy",
-    "roc_auc",
-    "sensitivity_macro",
-    "specificity_macro",
-    "subset_accuracy",
-)
-_MULTI_LABEL_ONLY = {"subset_accuracy", "hamming_accuracy"}
-
-
-def available_metrics(multilabel: bool, has_patients: bool) -> set[str]:
-    """The selectable summary metrics `evaluate_scores` gives for this kind of task."""
-    if multilabel:
-        return {"roc_auc", "average_precision", "sensitivity_macro", "specificity_macro"} | _MULTI_LABEL_ONLY
-    names = set(SELECTABLE_METRICS) - _MULTI_LABEL_ONLY
-    return names if has_patients else names - {"patient_accuracy"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,7 +35,7 @@ def _label(name: str | None) -> str:
     return f" for class {name!r}" if name is not None else ""
 
 
-def _nanmean(values: Sequence[float] | np.ndarray) -> float:
+def nanmean(values: Sequence[float] | np.ndarray) -> float:
     """Mean over the finite entries; NaN (without numpy's 'Mean of empty slice' warning) if there are none."""
     arr = np.asarray(values, dtype=np.float64)
     keep = ~np.isnan(arr)
@@ -80,7 +44,7 @@ def _nanmean(values: Sequence[float] | np.ndarray) -> float:
     return float(arr[keep].mean())
 
 
-def _ratio(num: float, den: float, what: str, name: str | None) -> float:
+def safe_ratio(num: float, den: float, what: str, name: str | None) -> float:
     """num / den, or NaN with a warning when the denominator is zero (sklearn's zero_division=np.nan)."""
     if den == 0:
         _warn(f"{what} is undefined{_label(name)}: zero denominator; returning NaN")
@@ -113,7 +77,7 @@ def _check_pair(y: np.ndarray, s: np.ndarray, what: str) -> None:
         raise SemimedError(f"{what}: y_true has {y.shape[0]} samples but scores have {s.shape[0]}")
 
 
-def _check_classes(classes: Sequence[str], k: int, what: str) -> list[str]:
+def check_classes(classes: Sequence[str], k: int, what: str) -> list[str]:
     names = [str(c) for c in classes]
     if len(names) != k:
         raise SemimedError(f"{what}: {len(names)} class names given but scores have {k} columns")
@@ -248,92 +212,10 @@ def average_precision(y_true_binary: np.ndarray, score: np.ndarray, *, name: str
 
 
 # ----------------------------------------------------------------------------------------------------------
-# single-label
+# patients and multi-label inputs
 
 
-def single_label_metrics(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    classes: list[str],
-    patient_ids: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Metrics of a single-label (multi-class or binary) classifier; the prediction is argmax(probs).
-
-    Args:
-        y_true: int [N] class indices in [0, K).
-        probs: float [N, K] class probabilities (rows sum to 1).
-        classes: K class names, used in the keys; for K == 2 index 1 is the positive (disease) class.
-        patient_ids: optional [N] patient identifier per image (any hashable dtype) for ``patient_accuracy``.
-
-    Returns:
-        A flat dict: ``accuracy``, ``balanced_accuracy``; per class c ``precision/c``, ``sensitivity/c``,
-        ``specificity/c``, ``f1/c``, ``roc_auc/c``, ``average_precision/c``; macro ``precision_macro``,
-        ``sensitivity_macro``, ``specificity_macro``, ``f1_macro``, ``average_precision``, ``roc_auc``
-        (K == 2: AUC of class 1; K > 2: macro one-vs-rest AUC); for K == 2 also ``sensitivity``,
-        ``specificity``, ``precision``, ``f1`` of class 1; ``patient_accuracy`` if patient_ids is given.
-    """
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 2:
-        raise SemimedError(f"single_label_metrics: probs must be [N, K], got shape {p.shape}")
-    n, k = p.shape
-    names = _check_classes(classes, k, "single_label_metrics")
-    if k < 2:
-        raise SemimedError(f"single_label_metrics: need at least 2 classes, got {k}")
-    if n == 0:
-        raise SemimedError("single_label_metrics: no samples")
-    if not np.isfinite(p).all():
-        raise SemimedError("single_label_metrics: probs contain NaN or inf")
-    yt = np.asarray(y_true)
-    if yt.shape != (n,):
-        raise SemimedError(f"single_label_metrics: y_true must have shape ({n},), got {yt.shape}")
-    y_pred = p.argmax(axis=1)
-    cm = confusion_matrix(yt, y_pred, k)  # also validates the range of y_true
-    yt = yt.astype(np.int64)
-
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1)  # true count per class
-    predicted = cm.sum(axis=0)
-    fp = predicted - tp
-    fn = support - tp
-    tn = n - tp - fp - fn
-
-    out: dict[str, float] = {"accuracy": float(tp.sum() / n)}
-    per: dict[str, list[float]] = {m: [] for m in ("precision", "sensitivity", "specificity", "f1")}
-    per.update(roc_auc=[], average_precision=[])
-    for c, name in enumerate(names):
-        per["precision"].append(_ratio(tp[c], tp[c] + fp[c], "precision", name))
-        per["sensitivity"].append(_ratio(tp[c], tp[c] + fn[c], "sensitivity (recall)", name))
-        per["specificity"].append(_ratio(tn[c], tn[c] + fp[c], "specificity", name))
-        # sklearn >= 1.3 defines F1 as 2TP / (2TP + FP + FN): it is 0 (not NaN) when precision alone is
-        # undefined, and NaN only when the class is neither present nor predicted.
-        per["f1"].append(_ratio(2 * tp[c], 2 * tp[c] + fp[c] + fn[c], "F1", name))
-        is_c = yt == c
-        per["roc_auc"].append(roc_auc(is_c, p[:, c], name=name))
-        per["average_precision"].append(average_precision(is_c, p[:, c], name=name))
-    for metric, values in per.items():
-        for name, v in zip(names, values, strict=True):
-            out[f"{metric}/{name}"] = v
-
-    # Balanced accuracy = mean recall over the classes present in y_true (sklearn, adjusted=False).
-    out["balanced_accuracy"] = _nanmean(per["sensitivity"])
-    for metric in ("precision", "sensitivity", "specificity", "f1"):
-        out[f"{metric}_macro"] = _nanmean(per[metric])
-    out["average_precision"] = _nanmean(per["average_precision"])
-    out["roc_auc"] = per["roc_auc"][1] if k == 2 else _nanmean(per["roc_auc"])
-    if k == 2:
-        # Binary tasks report the disease class (index 1) as "the" positive; specificity of class 1 equals
-        # the recall of class 0.
-        out["sensitivity"] = per["sensitivity"][1]
-        out["specificity"] = per["specificity"][1]
-        out["precision"] = per["precision"][1]
-        out["f1"] = per["f1"][1]
-
-    if patient_ids is not None:
-        out["patient_accuracy"] = _patient_accuracy(yt == y_pred, patient_ids)
-    return out
-
-
-def _patient_accuracy(correct: np.ndarray, patient_ids: np.ndarray) -> float:
+def patient_accuracy(correct: np.ndarray, patient_ids: np.ndarray) -> float:
     """Spanhol et al. (2016) patient score: mean over patients of that patient's image accuracy.
 
     Args:
@@ -350,11 +232,7 @@ def _patient_accuracy(correct: np.ndarray, patient_ids: np.ndarray) -> float:
     return float(np.mean(right / total))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# multi-label
-
-
-def _as_multilabel(y_true: np.ndarray, scores: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+def as_multilabel(y_true: np.ndarray, scores: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true, dtype=np.float64)
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 2:
@@ -370,7 +248,7 @@ def _as_multilabel(y_true: np.ndarray, scores: np.ndarray, what: str) -> tuple[n
     return y, s
 
 
-def _as_thresholds(thresholds: np.ndarray | float | None, k: int, what: str) -> np.ndarray:
+def as_thresholds(thresholds: np.ndarray | float | None, k: int, what: str) -> np.ndarray:
     if thresholds is None:
         return np.full(k, 0.5)
     t = np.asarray(thresholds, dtype=np.float64)
@@ -406,10 +284,10 @@ def choose_thresholds(
         raise SemimedError(
             f"choose_thresholds: unknown rule {rule!r}; valid rules: {', '.join(THRESHOLD_RULES)}"
         )
-    y, s = _as_multilabel(y_true, scores, "choose_thresholds")
+    y, s = as_multilabel(y_true, scores, "choose_thresholds")
     k = s.shape[1]
     names = (
-        _check_classes(classes, k, "choose_thresholds") if classes is not None else [str(j) for j in range(k)]
+        check_classes(classes, k, "choose_thresholds") if classes is not None else [str(j) for j in range(k)]
     )
     out = np.full(k, 0.5)
     for j in range(k):
@@ -431,98 +309,3 @@ def choose_thresholds(
         # argmax returns the first maximum, i.e. the highest threshold since candidates are descending.
         out[j] = cand[int(np.argmax(objective))]
     return out
-
-
-def multilabel_metrics(
-    y_true: np.ndarray,
-    scores: np.ndarray,
-    classes: list[str],
-    thresholds: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Metrics of a multi-label classifier; unknown labels (NaN) are masked out per finding.
-
-    Args:
-        y_true: float [N, K] labels in {0, 1}, NaN = unknown.
-        scores: float [N, K] sigmoid probabilities.
-        classes: K finding names, used in the keys.
-        thresholds: float [K] decision thresholds (``score >= t`` is positive); default 0.5 each.
-
-    Returns:
-        A flat dict: per finding f ``roc_auc/f``, ``average_precision/f``, ``sensitivity/f``,
-        ``specificity/f``; ``roc_auc_macro``, ``average_precision_macro`` (means over findings where they
-        are defined) and their aliases ``roc_auc``, ``average_precision``; ``sensitivity_macro``,
-        ``specificity_macro``; ``subset_accuracy`` (rows with at least one known label whose known labels
-        are all right) and ``hamming_accuracy`` (fraction of known entries predicted right).
-    """
-    y, s = _as_multilabel(y_true, scores, "multilabel_metrics")
-    n, k = s.shape
-    names = _check_classes(classes, k, "multilabel_metrics")
-    t = _as_thresholds(thresholds, k, "multilabel_metrics")
-    known = ~np.isnan(y)
-    pred = s >= t[None, :]
-    truth = y == 1.0  # NaN compares False; masked by `known` wherever it matters
-
-    out: dict[str, float] = {}
-    per: dict[str, list[float]] = {
-        m: [] for m in ("roc_auc", "average_precision", "sensitivity", "specificity")
-    }
-    for j, name in enumerate(names):
-        m = known[:, j]
-        yj, sj, pj = truth[m, j], s[m, j], pred[m, j]
-        per["roc_auc"].append(roc_auc(yj, sj, name=name))
-        per["average_precision"].append(average_precision(yj, sj, name=name))
-        n_pos = int(yj.sum())
-        n_neg = yj.size - n_pos
-        per["sensitivity"].append(_ratio(int((pj & yj).sum()), n_pos, "sensitivity", name))
-        per["specificity"].append(_ratio(int((~pj & ~yj).sum()), n_neg, "specificity", name))
-    for metric, values in per.items():
-        for name, v in zip(names, values, strict=True):
-            out[f"{metric}/{name}"] = v
-
-    out["roc_auc_macro"] = _nanmean(per["roc_auc"])
-    out["average_precision_macro"] = _nanmean(per["average_precision"])
-    # The report reads `roc_auc` / `average_precision` for every task type.
-    out["roc_auc"] = out["roc_auc_macro"]
-    out["average_precision"] = out["average_precision_macro"]
-    out["sensitivity_macro"] = _nanmean(per["sensitivity"])
-    out["specificity_macro"] = _nanmean(per["specificity"])
-
-    right = (pred == truth) | ~known
-    rows = known.any(axis=1)  # a row with no known label says nothing about the classifier
-    out["subset_accuracy"] = _ratio(
-        int(right[rows].all(axis=1).sum()), int(rows.sum()), "subset accuracy", None
-    )
-    out["hamming_accuracy"] = _ratio(int((right & known).sum()), int(known.sum()), "hamming accuracy", None)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# dispatch
-
-
-def evaluate_scores(
-    y_true: np.ndarray,
-    scores: np.ndarray,
-    classes: list[str],
-    multilabel: bool,
-    patient_ids: np.ndarray | None = None,
-    thresholds: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Metrics for either task type.
-
-    Args:
-        y_true: int [N] (single-label) or float [N, K] with NaN = unknown (multi-label).
-        scores: float [N, K]: softmax probabilities (single-label) or sigmoid probabilities (multi-label).
-        classes: K class / finding names.
-        multilabel: selects :func:`multilabel_metrics` (True) or :func:`single_label_metrics` (False).
-        patient_ids: optional [N] patient ids; single-label only (adds ``patient_accuracy``), else ignored.
-        thresholds: optional [K] thresholds; multi-label only, else ignored (single-label uses argmax).
-
-    Returns:
-        The flat metric dict of the selected function.
-    """
-    # Callers may pass both optional arguments for any task; each applies to one task type only, so the
-    # other is ignored rather than rejected.
-    if multilabel:
-        return multilabel_metrics(y_true, scores, classes, thresholds=thresholds)
-    return single_label_metrics(y_true, scores, classes, patient_ids=patient_ids)
