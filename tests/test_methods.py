@@ -14,7 +14,7 @@ from torch import nn
 from semimed.config import TrainConfig
 from semimed.engine import Optimization, RunData, fit, latest_checkpoint, load_checkpoint
 from semimed.errors import SemimedError
-from semimed.methods import METHODS, Batch, create_method
+from semimed.methods import METHODS, Batch, DataInfo, create_method
 from semimed.methods.common import (
     confidence_targets,
     ema_decay,
@@ -41,11 +41,19 @@ def _params(name: str, **extra) -> dict:
 
 
 def _method(name: str, multilabel: bool, seed: int = 0, **params):
+    """The method, set up (as the engine does) for the unlabeled pool of `_batch` (12 images)."""
     num_classes = 3 if multilabel else 2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = create_backbone("small_cnn", num_classes, 3)
-        return create_method(name, model, num_classes, multilabel, **_params(name, **params))
+        method = create_method(name, model, num_classes, multilabel, **_params(name, **params))
+    classes = [f"c{k}" for k in range(num_classes)]
+    method.setup(DataInfo(num_labeled=6, num_unlabeled=12, classes=classes, multilabel=multilabel))
+    return method
+
+
+def _supports(name: str, multilabel: bool) -> bool:
+    return not multilabel or METHODS.get(name).supports_multilabel
 
 
 # Every registered method that reads unlabeled images: a new one is tested here without editing this file.
@@ -65,7 +73,8 @@ def _batch(multilabel: bool, seed: int = 0, n: int = 6, mu: int = 2) -> Batch:
     else:
         y = torch.randint(0, 2, (n,), generator=g)
         u_true = torch.randint(0, 2, (mu * n,), generator=g)
-    return Batch(x=x, y=y, u_weak=u_weak, u_strong=u_strong, u_true=u_true)
+    u_index = torch.arange(mu * n)
+    return Batch(x=x, y=y, u_weak=u_weak, u_strong=u_strong, u_true=u_true, u_index=u_index)
 
 
 def _step(method, batch: Batch, step: int = 0, seed: int = 0):
@@ -165,7 +174,12 @@ def test_every_ssl_method_is_registered():
 @pytest.mark.parametrize("multilabel", [False, True], ids=["single", "multi"])
 @pytest.mark.parametrize("name", SSL_METHODS)
 def test_one_step_gives_finite_loss_and_gradients_where_expected(name: str, multilabel: bool):
-    method = _method(name, multilabel, **({"threshold": 0.0} if name in ("pseudo_label", "fixmatch") else {}))
+    if not _supports(name, multilabel):
+        with pytest.raises(SemimedError, match="does not support multi-label"):
+            _method(name, multilabel)
+        return
+    thresholded = name in ("pseudo_label", "fixmatch", "flexmatch")
+    method = _method(name, multilabel, **({"threshold": 0.0} if thresholded else {}))
     method.train()
     out = _step(method, _batch(multilabel), step=500)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
@@ -503,7 +517,7 @@ def test_every_method_resumes_exactly_like_an_uninterrupted_run(name: str, tmp_p
 
 
 def test_fit_multilabel_ssl_smoke(tmp_path):
-    for name in SSL_METHODS:
+    for name in (n for n in SSL_METHODS if _supports(n, True)):
         final = fit(_method(name, True), _run_data(True), _cfg(2), show_progress=False)
         assert np.isfinite(final["train/loss"]), name
 

@@ -14,6 +14,6 @@ from semimed.methods.base import (
 # Importing the modules registers them.
 from semimed.methods import supervised  # noqa: E402,F401  isort: skip
 from semimed.methods import fixmatch, gan_ssl, mean_teacher, pseudo_label  # noqa: E402,F401  isort: skip
-from semimed.methods import finetune  # noqa: E402,F401  isort: skip
+from semimed.methods import finetune, flexmatch  # noqa: E402,F401  isort: skip
 
 __all__ = ["METHODS", "Batch", "DataInfo", "Method", "Needs", "StepOutput", "check_method", "create_method"]

@@ -63,16 +63,22 @@ class FixMatch(Method):
         logits = self.model(torch.cat([batch.x, batch.u_weak, batch.u_strong]))
         logits_x, logits_weak, logits_strong = logits[:n], logits[n : n + m], logits[n + m :]
         sup = supervised_loss(logits_x, batch.y, self.multilabel)
-        targets, mask = confidence_targets(
-            probabilities(logits_weak.detach(), self.multilabel),
-            self.multilabel,
-            self.threshold,
-            self.negative_threshold,
+        targets, mask, extra_logs = self.pseudo_targets(
+            probabilities(logits_weak.detach(), self.multilabel), batch
         )
         unsup = pseudo_label_loss(logits_strong, targets, mask, self.multilabel)
         logs = {
             "sup_loss": sup.detach(),
             "unsup_loss": unsup.detach(),
             **pseudo_label_logs(targets, mask, batch.u_true, self.multilabel),
+            **extra_logs,
         }
         return StepOutput(sup + self.lambda_u * unsup, logs)
+
+    def pseudo_targets(
+        self, probs: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(hard targets, mask, extra logs) from the weak view's detached probabilities [μB, K]: the fixed
+        confidence threshold here; class-aware variants (FlexMatch) override this."""
+        targets, mask = confidence_targets(probs, self.multilabel, self.threshold, self.negative_threshold)
+        return targets, mask, {}
