@@ -232,3 +232,105 @@ def test_config_is_frozen() -> None:
     cfg = load_config(None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.steps = 3  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------------------- dataset options
+
+
+@pytest.mark.parametrize(
+    ("dataset", "task", "options"),
+    [
+        ("breakhis", "binary", {"magnification": "all"}),
+        ("chestxray14", "findings", {"view": "all", "drop_missing": False}),
+        ("medmnist", "default", {}),
+    ],
+)
+def test_default_task_and_options_per_dataset(dataset: str, task: str, options: dict) -> None:
+    # "" means the dataset's default task; the resolved config writes task and every option out.
+    cfg = load_config(None, [f"data.dataset={dataset}"])
+    assert (cfg.data.task, cfg.data.options) == (task, options)
+    assert DataConfig(dataset=dataset, task="") == cfg.data
+
+
+def test_options_land_typed(tmp_path: Path) -> None:
+    path = write(tmp_path, "data:\n  dataset: breakhis\n  options:\n    magnification: 40\n")
+    assert load_config(path).data.options == {"magnification": "40"}  # YAML's int, the option's str
+    cfg = load_config(
+        None, ["data.dataset=chestxray14", "data.options.drop_missing=yes", "data.options.view=PA"]
+    )
+    assert cfg.data.options == {"view": "PA", "drop_missing": True}
+
+
+def test_saved_options_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.dataset=chestxray14", "data.options.view=AP", "data.task=findings"])
+    loaded = load_config(cfg.save(tmp_path / "config.yaml"))
+    assert loaded == cfg and yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]["options"] == {
+        "view": "AP",
+        "drop_missing": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.options.view=PA"],
+            r"unknown option data\.options\.view for dataset 'breakhis'; valid: magnification$",
+        ),
+        (
+            ["data.dataset=chestxray14", "data.options.veiw=PA"],
+            r"unknown option data\.options\.veiw for dataset 'chestxray14' \(did you mean 'view'\?\); "
+            r"valid: view, drop_missing$",
+        ),
+        (
+            ["data.dataset=medmnist", "data.options.magnification=40"],
+            r"unknown option data\.options\.magnification for dataset 'medmnist'; valid: none$",
+        ),
+        (
+            ["data.options.magnification=50"],
+            r"unknown data\.options\.magnification '50'; valid: all, 40, 100",
+        ),
+        (
+            ["data.dataset=chestxray14", "data.options.view=LAT"],
+            r"unknown data\.options\.view 'LAT'; valid: all, PA, AP$",
+        ),
+        (
+            ["data.dataset=chestxray14", "data.options.drop_missing=maybe"],
+            r"config key 'data\.options\.drop_missing': 'maybe' is not a valid bool",
+        ),
+        (["data.options=3"], r"data\.options: expected a mapping, got int"),
+        (
+            ["data.task=findings"],
+            r"unknown data\.task 'findings' for dataset 'breakhis'; valid: binary, subtype",
+        ),
+        (
+            ["data.dataset=medmnist", "data.task=binary"],
+            r"unknown data\.task 'binary' for dataset 'medmnist'",
+        ),
+        (["data.dataset=isic"], r"unknown data\.dataset 'isic'; valid: breakhis, chestxray14, medmnist$"),
+    ],
+)
+def test_bad_dataset_settings_name_the_key_and_the_valid_values(overrides: list[str], message: str) -> None:
+    with pytest.raises(SemimedError, match=message):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("old", "value", "dataset"),
+    [
+        ("magnification", "40", "breakhis"),
+        ("view", "PA", "chestxray14"),
+        ("drop_missing", "true", "chestxray14"),
+    ],
+)
+def test_old_flat_dataset_keys_say_the_new_spelling(
+    tmp_path: Path, old: str, value: str, dataset: str
+) -> None:
+    expected = rf"config key 'data\.{old}' is now 'data\.options\.{old}'"
+    with pytest.raises(SemimedError, match=expected):
+        load_config(None, [f"data.dataset={dataset}", f"data.{old}={value}"])
+    path = write(tmp_path, f"data:\n  dataset: {dataset}\n  {old}: {value}\n")
+    with pytest.raises(SemimedError, match=rf"^{re.escape(str(path))}: {expected}"):
+        load_config(path)
+    with pytest.raises(TypeError):
+        DataConfig(dataset=dataset, **{old: value})  # type: ignore[arg-type]

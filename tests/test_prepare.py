@@ -15,11 +15,11 @@ import pytest
 from semimed.cli import main
 from semimed.config import Config, DataConfig, ModelConfig, TrainConfig
 from semimed.data import load_dataset
-from semimed.data.breakhis import load_breakhis
+from semimed.data.breakhis import RELEASE_IMAGES, load_breakhis
 from semimed.data.cache import cache_folder
 from semimed.data.chestxray14 import FINDINGS
 from semimed.errors import SemimedError
-from semimed.prepare import BREAKHIS_IMAGES, check_totals, prepare
+from semimed.prepare import check_totals, prepare
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_prepare_the_chest_sample_is_the_cache_training_finds(chest_sample: Path
             dataset="chestxray14",
             root=str(chest_sample),
             image_size=16,
-            drop_missing=True,
+            options={"drop_missing": True},
             cache_dir=str(tmp_path),
         )
         assert cache_folder(load_dataset(data_cfg), 16, data_cfg.cache_dir) == result.folder
@@ -72,14 +72,15 @@ def test_totals_name_what_is_missing(sample_data: Path) -> None:
     line = f"adenosis: {len(adenosis)} of 444 images, {adenosis['patient_id'].nunique()} of 4 patients"
     assert line in totals["missing"]
     assert f"40X: {int((breakhis.meta['magnification'] == 40).sum())} of 1995 images" in totals["missing"]
-    assert sum(sum(v) for v in BREAKHIS_IMAGES.values()) == 7_909
+    assert sum(sum(v) for v in RELEASE_IMAGES.values()) == 7_909
     forty = check_totals(
         load_breakhis(sample_data / "breakhis", magnification=40),
-        DataConfig(dataset="breakhis", magnification="40"),
+        DataConfig(dataset="breakhis", options={"magnification": "40"}),
     )
     assert forty["expected"]["images"] == 1_995
     breast = sample_data / "medmnist" / "breastmnist.npz"
-    medmnist = check_totals(load_dataset(DataConfig(dataset="medmnist", root=str(breast))), DataConfig())
+    medmnist_cfg = DataConfig(dataset="medmnist", root=str(breast))
+    medmnist = check_totals(load_dataset(medmnist_cfg), medmnist_cfg)
     assert medmnist == {
         "expected": {"images": 780, "patients": 780},
         "found": {"images": 780, "patients": 780},
@@ -154,7 +155,7 @@ def test_prepared_cache_serves_a_multilabel_run_without_reading_images(
             root=str(root),
             image_size=16,
             fraction=1.0,
-            drop_missing=True,
+            options={"drop_missing": True},
             cache_dir=str(cache),
             val_fraction=0.2,
         ),

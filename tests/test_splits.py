@@ -226,7 +226,7 @@ def test_save_is_atomic_when_the_rename_fails(
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("semimed.data.splits.os.replace", fail)
+    monkeypatch.setattr("semimed.files.os.replace", fail)  # splits write through semimed.files
     with pytest.raises(OSError, match="disk full"):
         make_split(dataset, 0.5, seed=1).save(path)
     assert path.read_bytes() == before

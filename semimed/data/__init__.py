@@ -1,27 +1,34 @@
-"""Dataset loaders by name: `load_dataset(DataConfig)` -> LabeledImageSet."""
+"""Datasets by name: the registry `DATASETS` (one `DatasetSpec` per dataset) and `load_dataset(DataConfig)`.
+
+Importing this package registers every dataset; a new one is a module that calls `register_dataset` and one
+import line below (semimed/data/spec.py says what a spec declares).
+"""
 
 from __future__ import annotations
 
 from semimed.config import DataConfig
+from semimed.data import breakhis, chestxray14, medmnist  # noqa: F401  (importing a module registers it)
 from semimed.data.base import LabeledImageSet
-from semimed.errors import SemimedError
+from semimed.data.spec import DATASETS, DatasetSpec, register_dataset
+from semimed.errors import SemimedError, UnknownNameError
 
-DATASETS = ("breakhis", "chestxray14", "medmnist")
+__all__ = ["DATASETS", "DatasetSpec", "LabeledImageSet", "dataset_spec", "load_dataset", "register_dataset"]
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registered spec of `name`; an unknown name raises, listing the registered ones."""
+    try:
+        return DATASETS.get(name)  # type: ignore[return-value]
+    except UnknownNameError:
+        raise UnknownNameError(
+            f"unknown data.dataset {name!r}; valid: {', '.join(DATASETS.names())}"
+        ) from None
 
 
 def load_dataset(cfg: DataConfig) -> LabeledImageSet:
+    """Load `cfg.dataset` through its spec. `cfg` was validated when it was built (semimed.config): the task is
+    one of the dataset's and `cfg.options` holds every option of its options dataclass."""
     if not cfg.root:
         raise SemimedError("data.root is empty: point it at the dataset folder (or the .npz file)")
-    if cfg.dataset == "breakhis":
-        from semimed.data.breakhis import load_breakhis
-
-        return load_breakhis(cfg.root, task=cfg.task, magnification=cfg.magnification)
-    if cfg.dataset == "chestxray14":
-        from semimed.data.chestxray14 import load_chestxray14
-
-        return load_chestxray14(cfg.root, view=cfg.view, drop_missing=cfg.drop_missing)
-    if cfg.dataset == "medmnist":
-        from semimed.data.medmnist import load_medmnist
-
-        return load_medmnist(cfg.root)
-    raise SemimedError(f"unknown data.dataset {cfg.dataset!r}; valid: {', '.join(DATASETS)}")
+    spec = dataset_spec(cfg.dataset)
+    return spec.load(cfg.root, cfg.task, spec.make_options(cfg.options))

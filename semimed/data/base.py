@@ -12,7 +12,7 @@ relative to `root`, or `"<split>:<index>"` for arrays such as MedMNIST `.npz` fi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +73,24 @@ class LabeledImageSet:
         if self.reader is not None:
             return self.reader(index)
         return read_image_file(self.root / self.meta["path"].iat[index], self.channels)
+
+    def source_files(self, rows: Sequence[int] | None = None) -> list[Path | None]:
+        """The file each row's pixels come from (all rows, or `rows`): what the cache stats to notice an
+        image replaced on disk. The default reader opens `root / path`; an array reader (`reader.decoded`,
+        MedMNIST) reads every row from the one file `root`; any other reader (a closure in tests or notebooks)
+        reads from somewhere semimed cannot see: None, and the cache cannot tell whether such a row changed.
+        """
+        paths = self.meta["path"] if rows is None else self.meta["path"].iloc[list(rows)]
+        if self.reader is None:
+            root = Path(self.root)
+            return [root / str(path) for path in paths]
+        if getattr(self.reader, "decoded", False):
+            return [Path(self.root)] * len(paths)
+        return [None] * len(paths)
+
+    def source_file(self, row: int) -> Path | None:
+        """`source_files` for one row."""
+        return self.source_files([row])[0]
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.read_image(index), self.labels[index]

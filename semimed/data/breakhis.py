@@ -17,12 +17,14 @@ from __future__ import annotations
 import os
 import re
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from semimed.data.base import LabeledImageSet
+from semimed.data.spec import DatasetSpec, option, register_dataset
 from semimed.errors import SemimedError
 
 # Tumour-type code in file names -> (class folder, subtype folder), in the order the "subtype" task numbers them.
@@ -40,6 +42,29 @@ SUBTYPES: list[str] = [subtype for _, subtype in TUMOR_TYPES.values()]
 BINARY_CLASSES: list[str] = ["benign", "malignant"]
 TASKS: dict[str, list[str]] = {"binary": BINARY_CLASSES, "subtype": SUBTYPES}
 MAGNIFICATIONS: tuple[int, ...] = (40, 100, 200, 400)
+# The release (Spanhol et al. 2016, Table 1), what `semimed prepare` checks a tree against: images per subtype at
+# (40X, 100X, 200X, 400X), and patients per subtype.
+RELEASE_IMAGES: dict[str, tuple[int, int, int, int]] = {
+    "adenosis": (114, 113, 111, 106),
+    "fibroadenoma": (253, 260, 264, 237),
+    "phyllodes_tumor": (109, 121, 108, 115),
+    "tubular_adenoma": (149, 150, 140, 130),
+    "ductal_carcinoma": (864, 903, 896, 788),
+    "lobular_carcinoma": (156, 170, 163, 137),
+    "mucinous_carcinoma": (205, 222, 196, 169),
+    "papillary_carcinoma": (145, 142, 135, 138),
+}
+RELEASE_PATIENTS: dict[str, int] = {
+    "adenosis": 4,
+    "fibroadenoma": 10,
+    "phyllodes_tumor": 3,
+    "tubular_adenoma": 7,
+    "ductal_carcinoma": 38,
+    "lobular_carcinoma": 5,
+    "mucinous_carcinoma": 9,
+    "papillary_carcinoma": 6,
+}
+TOTAL_IMAGES, TOTAL_PATIENTS = 7_909, 82
 
 _CLASS_CODE = {"B": "benign", "M": "malignant"}
 _NAME_RE = re.compile(
@@ -218,3 +243,69 @@ def load_breakhis(
         labels=labels,
         meta=meta,
     )
+
+
+# ------------------------------------------------------------------------------------------------ registration
+
+
+@dataclass(frozen=True)
+class BreakHisOptions:
+    magnification: str = option(
+        "all",
+        "keep the images of one magnification (40, 100, 200 or 400X), or all four",
+        choices=("all", *map(str, MAGNIFICATIONS)),
+    )
+
+
+def _load(root: Path, task: str, options: BreakHisOptions) -> LabeledImageSet:
+    return load_breakhis(root, task=task, magnification=options.magnification)
+
+
+def check_release(dataset: LabeledImageSet, options: BreakHisOptions) -> tuple[dict[str, int], list[str]]:
+    """The load against Table 1 of the release, filtered to the loaded magnification: per subtype (images and
+    patients) and, for all magnifications, per magnification."""
+    wanted = _parse_magnification(options.magnification)
+    columns = list(range(len(MAGNIFICATIONS))) if wanted is None else [MAGNIFICATIONS.index(wanted)]
+    expected = {
+        "images": int(sum(sum(counts[c] for c in columns) for counts in RELEASE_IMAGES.values())),
+        "patients": TOTAL_PATIENTS,
+    }
+    meta = dataset.meta
+    missing = []
+    for subtype, counts in RELEASE_IMAGES.items():
+        have = meta[meta["subtype"] == subtype]
+        want_images = sum(counts[c] for c in columns)
+        have_patients = have["patient_id"].nunique()
+        if len(have) < want_images or have_patients < RELEASE_PATIENTS[subtype]:
+            missing.append(
+                f"{subtype}: {len(have)} of {want_images} images, {have_patients} of "
+                f"{RELEASE_PATIENTS[subtype]} patients"
+            )
+    if wanted is None:
+        for c, mag in enumerate(MAGNIFICATIONS):
+            want = sum(counts[c] for counts in RELEASE_IMAGES.values())
+            have = int((meta["magnification"] == mag).sum())
+            if have < want:
+                missing.append(f"{mag}X: {have} of {want} images")
+    return expected, missing
+
+
+SPEC = register_dataset(
+    DatasetSpec(
+        name="breakhis",
+        description="BreakHis (Spanhol et al. 2016): the original BreaKHis_v1 tree of histology PNGs",
+        root_help="the BreaKHis_v1 folder, or any folder up to a few levels above histology_slides/breast",
+        options=BreakHisOptions,
+        tasks=tuple(TASKS),
+        default_task="binary",
+        task_help="binary: benign/malignant; subtype: the 8 tumour types",
+        load=_load,
+        release=f"{TOTAL_IMAGES:,} images / {TOTAL_PATIENTS} patients (Spanhol et al. 2016, Table 1)",
+        check_release=check_release,
+        split_rule=(
+            "random patient-disjoint: data.test_fraction of the patients to test (0.3: the 70/30 of Spanhol "
+            "et al. 2016), val = data.val_fraction of the train patients"
+        ),
+        patient_level=True,
+    )
+)

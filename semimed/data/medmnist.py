@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from semimed.data.base import LabeledImageSet
 from semimed.data.chestxray14 import FINDINGS
+from semimed.data.spec import DatasetSpec, NoOptions, register_dataset
 from semimed.errors import SemimedError
 
 SPLITS = ("train", "val", "test")
@@ -272,3 +274,47 @@ def download_medmnist(flag: str, folder: str | Path, size: int = 28) -> Path:
     if not path.is_file():
         raise SemimedError(f"medmnist: the download left no {path}; {manual}")
     return path
+
+
+# ------------------------------------------------------------------------------------------------ registration
+
+
+def _load(root: Path, task: str, options: Any) -> LabeledImageSet:
+    return load_medmnist(root)
+
+
+def check_release(dataset: LabeledImageSet, options: Any) -> tuple[dict[str, int] | None, list[str]]:
+    """Per-split image counts of the known files (`KNOWN_COUNTS`); an unknown file is only reported."""
+    known = KNOWN_COUNTS.get(dataset.task)
+    if known is None:
+        return None, []
+    missing = []
+    for split, want in zip(SPLITS, known, strict=True):
+        have = int((dataset.official_split == split).sum())
+        if have != want:
+            missing.append(f"{split}: {have} images, the release has {want}")
+    return {"images": int(sum(known)), "patients": int(sum(known))}, missing
+
+
+def _fetch(root: Path) -> Path:
+    """`semimed prepare --download`: the file `root` names, from the release (through the medmnist package)."""
+    return download_medmnist(medmnist_flag(root), root.parent, medmnist_size(root))
+
+
+SPEC = register_dataset(
+    DatasetSpec(
+        name="medmnist",
+        description="MedMNIST v2/v3 (Yang et al. 2023): any 2D .npz of the release, 28 px or MedMNIST+ sizes",
+        root_help="the .npz file itself (e.g. breastmnist.npz, pneumoniamnist_224.npz)",
+        options=NoOptions,
+        tasks=("default",),
+        default_task="default",
+        task_help="the labels the file holds: single- or multi-label by the label array's shape",
+        load=_load,
+        release="per-split image counts of the known files (breastmnist: 546 / 78 / 156, …)",
+        check_release=check_release,
+        split_rule="official: the .npz file's train/val/test arrays (no patient ids: one image, one patient)",
+        patient_level=False,
+        fetch=_fetch,
+    )
+)
