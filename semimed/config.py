@@ -158,6 +158,7 @@ class TrainConfig:
         default_factory=lambda: [0.5, 0.75]
     )  # step schedule, as fractions of steps
     grad_clip: float = 0.0  # 0 = off
+    ema: float = 0.0  # decay of an EMA of the weights that is evaluated instead of them (e.g. 0.999); 0 = off
     amp: str = choices("off", "bf16", "fp16", default="off")
     channels_last: bool = False
     eval_every: int = 100
@@ -171,6 +172,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self, "train")
+        if not 0.0 <= self.ema < 1.0:
+            raise SemimedError(f"train.ema={self.ema} must be in [0, 1) (0 = off)")
         if not re.fullmatch(DEVICE_PATTERN, self.device):
             raise SemimedError(f"unknown train.device {self.device!r}; valid: auto, cpu, cuda, cuda:N")
 

@@ -36,7 +36,8 @@ from semimed.engine import ReportFn, fit
 from semimed.errors import SemimedError
 from semimed.files import atomic_write_text
 from semimed.methods import Method, create_method
-from semimed.models.backbones import BACKBONE_FILE, create_backbone, save_backbone
+from semimed.models.backbones import create_backbone
+from semimed.models.checkpoints import BACKBONE_FILE, save_backbone
 from semimed.runs import RunIdentity, RunLock, check_run_dir, git_commit, run_identity, write_identity
 
 

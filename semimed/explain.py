@@ -155,7 +155,8 @@ def explain_run(
     from semimed.data.cache import resize_center_crop
     from semimed.data.splits import Split
     from semimed.losses import probabilities
-    from semimed.models.backbones import BACKBONE_FILE, create_backbone, read_backbone_metadata
+    from semimed.models.backbones import create_backbone
+    from semimed.models.checkpoints import BACKBONE_FILE, read_backbone_metadata
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -25,18 +25,45 @@ its own search (the outer-grid pattern): one Tuner per cell, all in the same exp
 Each trial's files live in `<storage>/<name>/runs/<trial>/` (config, split, TensorBoard, metrics.json); Tune's
 own event files and state live under `<storage>/<name>/` too, so `tensorboard --logdir <storage>/<name>`
 shows both.
+
+Command-line overrides (`semimed sweep SPACE key=value ...`) are never dropped silently. Each one lands in
+exactly one place, and `--dry-run` and the start of a real sweep print where:
+
+- a key that IS a grid axis replaces that axis by the one value:
+  `override data.fraction=0.5 replaces grid axis data.fraction [0.01, 0.05, 0.1, 0.25, 0.5, 1] -> [0.5]`;
+- a key INSIDE a whole-section grid axis (`method.params.threshold` under the axis `method`, whose values are
+  entries like `{name: fixmatch, params: {threshold: 0.95}}`; `train.lr` under an axis `train`) is set in
+  every value of that axis. If that makes some value invalid (supervised takes no `threshold`), loading
+  fails, naming the override and those values: to change only some entries, edit them under `grid:` in the
+  search space instead;
+- a key that holds grid axes (`method={name: fixmatch}` over the axis `method.name`) sets that section of the
+  base; an axis whose key the override's value sets is replaced by that value, the others keep varying;
+- a sampled key (equal to a `sample:` key, inside one or containing one) is an error: the samples are what
+  the search explores, and pinning one from the command line would quietly turn num_samples trials into
+  copies. Move it to `base` (or make it a grid axis) in the search space;
+- any other key sets the base config of every trial.
+
+Killed trials. A trial whose process dies (SIGKILL, the kernel's OOM killer, a lost node: Ray reports a
+RayActorError) is retried up to `max_failures` times and resumes from its last checkpoint. Ray's own memory
+monitor kills with an OutOfMemoryError instead, which Tune 2.60's actor manager does not expect: it raised
+"Caught unexpected exception" and stopped the whole sweep (`_actor_task_failed` in
+ray/air/execution/_internal/actor_manager.py). `_retry_trials_killed_by_ray` hands such errors to Tune as
+the actor failures they are, so that trial is retried too. A trial that still fails is marked errored and
+the others run to the end; `run_sweep` lists the errored ones and raises only when every trial failed.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from semimed.config import apply_overrides, config_from_dict, load_yaml, parse_override
 from semimed.errors import SemimedError
@@ -85,6 +112,8 @@ class SearchSpace:
     max_failures: int = 1
     source: str = ""
     description: str = ""
+    # One line per command-line override: where it was applied (what `--dry-run` and a sweep's start print).
+    override_notes: tuple[str, ...] = ()
 
     @property
     def cells(self) -> list[dict[str, Any]]:
@@ -110,7 +139,9 @@ class SearchSpace:
 
 
 def load_search_space(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
-    """Parse and validate a search space: every grid cell must make a valid config (typos fail here)."""
+    """Parse and validate a search space: every grid cell must make a valid config (typos fail here).
+
+    `overrides` (`key=value` strings) are placed by the rules in the module docstring."""
     path = Path(path)
     raw = load_yaml(path)
 
@@ -130,7 +161,6 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None) -> S
             f"unknown trial_resources key(s) {', '.join(bad)}; valid: {', '.join(TRIAL_RESOURCE_KEYS)}"
         )
     base = apply_overrides(base, {f"scaling.{k}": v for k, v in resources.items()})
-    base = apply_overrides(base, dict(parse_override(item) for item in overrides or []))
     grid = raw.get("grid") or {}
     if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
         raise fail("'grid' must map dotted config keys to non-empty lists")
@@ -140,6 +170,9 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None) -> S
             raise fail(f"sample.{key} must be one of {{{', '.join(DISTRIBUTIONS)}: [args]}}")
         if key in grid:
             raise fail(f"{key} is both a grid axis and sampled")
+    placed = _place_overrides(
+        base, grid, sample, dict(parse_override(item) for item in overrides or []), fail
+    )
     search = raw.get("search") or {}
     algorithm = search.get("algorithm", "random")
     if algorithm not in ALGORITHMS:
@@ -149,8 +182,8 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None) -> S
         raise fail(f"unknown scheduler.name {scheduler['name']!r}; valid: {', '.join(SCHEDULERS)}")
     space = SearchSpace(
         name=str(raw.get("name") or path.stem),
-        base=base,
-        grid=grid,
+        base=placed.base,
+        grid=placed.grid,
         sample=sample,
         num_samples=int(raw.get("num_samples", 1)),
         algorithm=algorithm,
@@ -161,16 +194,127 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None) -> S
         max_failures=int(raw.get("max_failures", 1)),
         source=str(path),
         description=str(raw.get("description", "")),
+        override_notes=tuple(placed.notes),
     )
-    probe = {key: _example_value(spec) for key, spec in sample.items()}
+    _check_cells(space, placed, fail)
+    return space
+
+
+@dataclass
+class _Placed:
+    """Where command-line overrides went: the new base and grid, one note per override, and for each grid
+    axis whose values had overrides set inside them, those overrides and the axis's values before them."""
+
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    notes: list[str] = field(default_factory=list)
+    inside: dict[str, list[str]] = field(default_factory=dict)
+    pristine: dict[str, list[Any]] = field(default_factory=dict)
+
+
+def _place_overrides(base, grid, sample, overrides: dict[str, Any], fail) -> _Placed:
+    """Apply overrides to a search space by the rules in the module docstring."""
+    placed = _Placed(base=base, grid=dict(grid))
+    grid = placed.grid
+    for key, value in overrides.items():
+        shown = f"override {key}={_short(value)}"
+        for sampled, spec in sample.items():
+            if _nested(key, sampled):
+                kind, args = next(iter(spec.items()))
+                raise fail(
+                    f"{shown}: {sampled} is sampled ({kind}{args}) and an override cannot pin a sampled key; "
+                    f"to fix it, move {sampled} from sample: to base: (or to grid:) in the search space"
+                )
+        if key in grid:
+            placed.notes.append(
+                f"{shown} replaces grid axis {key} {_short_list(grid[key])} -> [{_short(value)}]"
+            )
+            grid[key] = [value]
+            placed.inside.pop(key, None)
+            placed.pristine.pop(key, None)
+            continue
+        outer = [axis for axis in grid if key.startswith(axis + ".")]
+        for axis in outer:
+            sections = [v for v in grid[axis] if isinstance(v, dict)]
+            if len(sections) != len(grid[axis]):
+                raise fail(
+                    f"{shown}: the values of grid axis {axis} are not sections: {_short_list(grid[axis])}"
+                )
+            placed.pristine.setdefault(axis, grid[axis])
+            placed.inside.setdefault(axis, []).append(shown.removeprefix("override "))
+            grid[axis] = [apply_overrides(v, {key[len(axis) + 1 :]: value}) for v in grid[axis]]
+            placed.notes.append(
+                f"{shown} is set in every value of grid axis {axis} {_short_list(grid[axis])}"
+            )
+        if outer:
+            continue
+        held = [axis for axis in grid if axis.startswith(key + ".")]
+        if held and not isinstance(value, dict):
+            raise fail(f"{shown}: {key} is a section holding grid axis {held[0]}; override {held[0]} instead")
+        placed.base = apply_overrides(placed.base, {key: value})
+        for axis in held:
+            found, axis_value = _lookup(value, axis[len(key) + 1 :])
+            if found:
+                placed.notes.append(
+                    f"{shown} replaces grid axis {axis} {_short_list(grid[axis])} -> [{_short(axis_value)}]"
+                )
+                grid[axis] = [axis_value]
+            else:
+                placed.notes.append(f"{shown} sets the base section {key}; grid axis {axis} varies inside it")
+        if not held:
+            placed.notes.append(f"{shown} sets the base config of every trial")
+    return placed
+
+
+def _check_cells(space: SearchSpace, placed: _Placed, fail) -> None:
+    """Every cell must make a valid config. A cell that only an override set inside a whole-section grid value
+    made invalid is blamed on that override, naming the axis values it broke."""
     from semimed.experiment import check_config
 
-    for cell in space.cells or [{}]:
+    probe = {key: _example_value(spec) for key, spec in space.sample.items()}
+
+    def error(cell: dict[str, Any]) -> str | None:
         try:
             check_config(space.trial_config({**cell, **probe}))
         except SemimedError as exc:
-            raise fail(str(exc)) from None
-    return space
+            return str(exc)
+        return None
+
+    axes = list(space.grid)
+    broken: dict[str, dict[str, str]] = {}  # axis -> {value label: error}
+    for index in itertools.product(*(range(len(space.grid[a])) for a in axes)):
+        cell = {a: space.grid[a][i] for a, i in zip(axes, index, strict=True)}
+        message = error(cell)
+        if message is None:
+            continue
+        before = {a: placed.pristine.get(a, space.grid[a])[i] for a, i in zip(axes, index, strict=True)}
+        if not placed.inside or error(before) is not None:
+            raise fail(message)  # invalid without the overrides too: a problem of the search space itself
+        blamed = [a for a in placed.inside if error({**before, a: cell[a]}) is not None]
+        if not blamed:
+            raise fail(message)
+        for axis in blamed:
+            broken.setdefault(axis, {}).setdefault(_short(cell[axis]), message)
+    if broken:
+        axis, values = next(iter(broken.items()))
+        raise fail(
+            f"override {', '.join(placed.inside[axis])} is set in every value of grid axis {axis} and makes "
+            f"{', '.join(values)} invalid ({next(iter(values.values()))}); to change only some entries, edit "
+            f"them under grid: {axis} in the search space and leave the override out"
+        )
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether dotted keys `a` and `b` are the same key or one holds the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _lookup(values: Any, dotted: str) -> tuple[bool, Any]:
+    for part in dotted.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return False, None
+        values = values[part]
+    return True, values
 
 
 def _example_value(spec: dict[str, list[Any]]) -> Any:
@@ -198,15 +342,21 @@ def trial_label(overrides: dict[str, Any]) -> str:
         parts = key.split(".")
         return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
-    def value(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        if isinstance(v, dict):  # a whole section as one grid value, e.g. {name: fixmatch, params: {...}}
-            return str(v.get("name", "+".join(f"{k}={value(x)}" for k, x in v.items())))
-        return str(v)
-
-    pairs = [f"{short(k)}={value(v)}" for k, v in overrides.items()]
+    pairs = [f"{short(k)}={_short(v)}" for k, v in overrides.items()]
     return ",".join(pairs).replace("/", "_").replace(" ", "")
+
+
+def _short(value: Any) -> str:
+    """A grid value as one short word: floats to 3 digits, a whole section by its name."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):  # a whole section as one grid value, e.g. {name: fixmatch, params: {...}}
+        return str(value.get("name", "+".join(f"{k}={_short(x)}" for k, x in value.items())))
+    return str(value)
+
+
+def _short_list(values: list[Any]) -> str:
+    return f"[{', '.join(_short(v) for v in values)}]"
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -275,6 +425,10 @@ def _run_in_process(cfg, run_dir: Path) -> None:
     from semimed.train import summary_metrics
 
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    # Which process trains this trial (each retry writes its own): for operators, and the test that kills it.
+    pid_dir = run_dir / "workers"
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    (pid_dir / "trial.pid").write_text(str(os.getpid()))
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -286,6 +440,37 @@ def _run_in_process(cfg, run_dir: Path) -> None:
         return
     with checkpoint.as_directory() as resume_dir:
         run_training(cfg, run_dir, report=report, resume_from=resume_dir, show_progress=False)
+
+
+class TrialProcessKilled(RayActorError):
+    """A trial's process was ended by Ray (its memory monitor), not by an error in the trial's code."""
+
+
+def _retry_trials_killed_by_ray() -> None:
+    """Make Tune retry a trial that Ray's memory monitor killed, as it retries one that died of a SIGKILL.
+
+    Ray 2.60 reports a worker killed by its memory monitor as `OutOfMemoryError`, a RayError that is neither
+    a RayActorError (a dead actor: the trial is retried, max_failures) nor a RayTaskError (an exception in
+    the trial's code). Tune's actor manager (`RayActorManager._actor_task_failed`,
+    ray/air/execution/_internal/actor_manager.py) raises `RuntimeError("Caught unexpected exception: ...")`
+    for anything else, and that ends the whole sweep. The trial's actor is gone in that case too, so such an
+    error is passed on as the actor's death. Installed once, in the driver (where Tune's controller runs).
+    """
+    from ray.air.execution._internal.actor_manager import RayActorManager
+
+    original = RayActorManager._actor_task_failed
+    if getattr(original, "_semimed_retries_killed_trials", False):
+        return
+
+    def _actor_task_failed(self, tracked_actor_task, exception: Exception):
+        if isinstance(exception, RayError) and not isinstance(exception, (RayActorError, RayTaskError)):
+            killed = TrialProcessKilled(error_msg=f"{type(exception).__name__}: {exception}")
+            killed.__cause__ = exception
+            exception = killed
+        return original(self, tracked_actor_task, exception)
+
+    _actor_task_failed._semimed_retries_killed_trials = True
+    RayActorManager._actor_task_failed = _actor_task_failed
 
 
 def _trial_resources(space: SearchSpace) -> dict[str, float]:
@@ -321,6 +506,7 @@ def build_tuners(space: SearchSpace, storage: str | None = None, resume: bool = 
     # take the CPUs that the running trials' Train workers need, and every worker group start times out.
     # One staged trial is enough to keep the next trial ready.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "1")
+    _retry_trials_killed_by_ray()
     storage = resolve_storage(storage)
     experiment_dir = f"{storage.rstrip('/')}/{space.name}"
     trainable = tune.with_resources(_make_trainable(space, experiment_dir), _trial_resources(space))
@@ -392,13 +578,40 @@ def describe_trials(space: SearchSpace) -> list[str]:
 
 
 def run_sweep(space: SearchSpace, storage: str | None = None, resume: bool = False) -> str:
-    """Run (or resume) the sweep; returns the experiment directory."""
+    """Run (or resume) the sweep; returns the experiment directory.
+
+    Trials that failed after their retries are listed (how many, which, their first error line); the sweep
+    raises only when every trial failed."""
     results = []
     for tuner in build_tuners(space, storage, resume):
         results.extend(tuner.fit())
     errors = [r for r in results if r.error]
     if errors and len(errors) == len(results):
-        raise SemimedError(
-            f"all {len(results)} trials failed; first error: {str(errors[0].error).splitlines()[0]}"
-        )
+        raise SemimedError(f"all {len(results)} trials failed; first error: {_error_line(errors[0].error)}")
+    if errors:
+        print(f"{len(errors)} of {len(results)} trials errored (the others finished):")
+        print("\n".join(f"  {line}" for line in errored_trials(space, errors)))
     return f"{resolve_storage(storage).rstrip('/')}/{space.name}"
+
+
+def errored_trials(space: SearchSpace, results) -> list[str]:
+    """`<run folder>: <first line of the error>` for failed Tune results (the run folder under runs/)."""
+    keys = list(space.grid) + list(space.sample)
+    lines = []
+    for result in results:
+        # Tune names a trial's folder `semimed_trial_<trial id>_<tag>_<date>`; the id is in the metrics too,
+        # but only once the trial has reported.
+        found = re.search(r"semimed_trial_([0-9a-f]+_\d+)", Path(result.path or "").name)
+        trial_id = (result.metrics or {}).get("trial_id") or (found.group(1) if found else "?")
+        label = trial_label({k: result.config[k] for k in keys if k in (result.config or {})})
+        lines.append(f"runs/{label}_{trial_id}: {_error_line(result.error)}")
+    return lines
+
+
+def _error_line(error: BaseException) -> str:
+    """One line that says what went wrong: the trial's own exception, not Ray's `ray::ImplicitFunc.train()
+    (pid=...)` header around it."""
+    if isinstance(error, RayTaskError) and error.cause is not None:
+        error = error.cause
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"

@@ -16,13 +16,15 @@ from semimed.cli import main
 from semimed.errors import SemimedError
 from semimed.explain import GRADCAM_LAYERS, gradcam
 from semimed.models.backbones import (
-    BACKBONE_FILE,
     TIMM_BACKBONES,
     SmallCNN,
     backbone_names,
-    checkpoint_normalization,
     count_parameters,
     create_backbone,
+)
+from semimed.models.checkpoints import (
+    BACKBONE_FILE,
+    checkpoint_normalization,
     load_backbone_checkpoint,
     save_backbone,
 )
@@ -39,16 +41,6 @@ IMAGENET_PARAMS = {
     "efficientnet_b0": 5_288_548,
     "vit_small_patch16_224": 22_050_664,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: a second intra-op thread spin-waits against the other processes on the machine (a
-    # 40-step small_cnn run took 50 s with 2 threads under load, 1.3 s with one). These models gain nothing from it.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small_cnn_params(in_chans: int, classes: int, width: int = 32) -> int:

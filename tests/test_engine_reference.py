@@ -14,9 +14,8 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-
 from engine_reference import CASES, NOT_RESULTS, run_case
+
 from semimed.methods import Needs
 from semimed.methods.gan_ssl import GanSSL
 from semimed.methods.mean_teacher import MeanTeacher
@@ -47,7 +46,6 @@ def close(new: object, recorded: object) -> bool:
 def test_metrics_equal_the_recorded_ones(name: str, demo_roots, tmp_path: Path, monkeypatch) -> None:
     if name in OLD_VIEWS:
         monkeypatch.setattr(OLD_VIEWS[name], "needs", Needs(unlabeled=("weak", "strong")))
-    torch.set_num_threads(1)
     final = run_case(name, demo_roots, tmp_path / name)
     expected = REFERENCE[name]
     missing = sorted(set(expected) - set(final))

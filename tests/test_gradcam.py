@@ -19,16 +19,6 @@ from semimed.explain import explain_run, gradcam, overlay, target_layer_name
 from semimed.models.backbones import create_backbone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: a second intra-op thread spin-waits against the other processes on the machine (a
-    # 40-step small_cnn run took 50 s with 2 threads under load, 1.3 s with one). These models gain nothing from it.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class BrightnessNet(nn.Module):
     """A model whose answer is known: class 1's logit is the mean of relu(x) pooled 4x4, class 0's its negative.
 

@@ -1,8 +1,9 @@
 """Ray Train / Ray Tune integration on a private local Ray (loopback, 4 logical CPUs on 2 cores).
 
 Each test asserts values: the files a sweep leaves, identical splits and metrics across 1 and 2 DDP workers,
-a killed worker that resumes from its checkpoint, and a killed sweep driver whose resume does not re-run
-finished trials. They take about a minute each on a 2-core machine, so they are few.
+a killed worker that resumes from its checkpoint, a killed in-process trial (SIGKILL, and Ray's own memory
+monitor) that resumes while the sweep finishes the others, and a killed sweep driver whose resume does not
+re-run finished trials. They take about a minute each on a 2-core machine, so they are few.
 """
 
 from __future__ import annotations
@@ -187,3 +188,155 @@ def test_sweep_resume_after_driver_sigkill(demo_roots, tmp_path):
             assert after["test/roc_auc"] == pytest.approx(before["test/roc_auc"])
         else:
             assert after == before
+
+
+def _sweep_in_thread(space, storage: Path) -> tuple[threading.Thread, dict]:
+    from semimed.tune import run_sweep
+
+    outcome: dict = {}
+
+    def sweep() -> None:
+        try:
+            outcome["experiment"] = run_sweep(space, str(storage))
+        except BaseException as exc:  # noqa: BLE001 - the test reports whatever ended the sweep
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=sweep, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _first_checkpoint(runs: Path, timeout: float = 120) -> Path:
+    """The run folder of the first trial that has saved a checkpoint (polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted(runs.glob("*/checkpoints/step_*"))
+        if found:
+            return found[0].parents[1]
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint under {runs} after {timeout:.0f} s")
+
+
+def test_sweep_survives_a_sigkilled_in_process_trial(local_ray, demo_roots, tmp_path):
+    """SIGKILL an in-process trial (`scaling.num_workers: 0`) after its first checkpoint: Tune retries it
+    (max_failures 1, the default), it resumes from that checkpoint, and the sweep finishes both trials."""
+    from semimed.tune import load_search_space
+
+    path = _space(
+        tmp_path, demo_roots, "killed", {"seed": [0, 1]}, steps=80, trial_resources={"num_workers": 0}
+    )
+    space = load_search_space(path)
+    assert space.max_failures == 1
+    thread, outcome = _sweep_in_thread(space, tmp_path / "results")
+    runs = tmp_path / "results" / "killed" / "runs"
+    killed = _first_checkpoint(runs)
+    pid = int((killed / "workers" / "trial.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the sweep did not finish after a trial was killed"
+    assert "error" not in outcome, outcome.get("error")
+    metrics = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/metrics.json")}
+    assert len(metrics) == 2 and {m["step"] for m in metrics.values()} == {80}
+    assert metrics[killed.name]["resumed_from_step"] > 0  # continued from a checkpoint, not from step 0
+    assert [m["resumed_from_step"] for name, m in metrics.items() if name != killed.name] == [0]
+    assert int((killed / "workers" / "trial.pid").read_text()) != pid  # a new process trained the rest
+
+
+def _memory() -> tuple[int, int]:
+    """(total, used) bytes of this node, as Ray's memory monitor counts them without a cgroup limit."""
+    info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").open()}
+    return info["MemTotal"], info["MemTotal"] - info["MemAvailable"]
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found.extend(below)
+        todo.extend(below)
+    return found
+
+
+def _trial_processes(driver: int) -> list[int]:
+    """The Tune trial actors (`ray::ImplicitFunc`) that the sweep driver `driver`'s own local Ray runs."""
+    pids = []
+    for pid in set(_descendants(driver)):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+def test_sweep_survives_a_trial_killed_by_rays_memory_monitor(demo_roots, tmp_path):
+    """Ray's memory monitor kills a worker with an OutOfMemoryError, not the ActorDiedError of a SIGKILL, and
+    Tune 2.60 stopped the whole sweep: "RuntimeError: Caught unexpected exception: 1 worker(s) were killed due
+    to the node running low on memory". Here the sweep's own local Ray kills above the usage at start + 5 GiB,
+    and the test takes that memory once the first trial has a checkpoint: the trial is retried, resumes, and
+    the sweep finishes both trials and exits 0. (Other processes on the machine that grow by GiBs meanwhile
+    would make this Ray kill early.)"""
+    import numpy as np
+
+    path = _space(
+        tmp_path,
+        demo_roots,
+        "oom",
+        {"seed": [0, 1]},
+        steps=300,  # ~6 s of training after the first checkpoint: time to take the memory
+        trial_resources={"num_workers": 0},
+        max_failures=2,  # a second kill, should the memory not be back in time, still ends in a resumed trial
+    )
+    storage = tmp_path / "results"
+    total, used = _memory()
+    env = {
+        **os.environ,
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "RAY_memory_usage_threshold": f"{(used + 5 * 2**30) / total:.4f}",
+        "RAY_memory_monitor_refresh_ms": "100",
+    }
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "sweep.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "semimed.cli", "sweep", str(path), "--storage", str(storage)],
+            env=env,
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        runs = storage / "oom" / "runs"
+        killed = _first_checkpoint(runs)
+        recorded = killed / "workers" / "trial.pid"
+        # The pid the trial recorded; code that does not record it is found by its process title.
+        [trial] = [int(recorded.read_text())] if recorded.exists() else _trial_processes(driver.pid)
+        hog, deadline = [], time.monotonic() + 60
+        while Path(f"/proc/{trial}").exists() and time.monotonic() < deadline and len(hog) < 48:
+            hog.append(np.ones(2**25))  # 256 MiB, touched, 12 GiB at most
+        taken = len(hog) / 4
+        del hog
+        assert not Path(f"/proc/{trial}").exists(), (
+            f"the memory monitor did not kill the trial ({taken} GiB taken)"
+        )
+        returncode = driver.wait(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    text = log.read_text()
+    assert returncode == 0, text[-3000:]
+    assert "Caught unexpected exception" not in text
+    metrics = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/metrics.json")}
+    assert len(metrics) == 2 and {m["step"] for m in metrics.values()} == {300}
+    assert metrics[killed.name]["resumed_from_step"] > 0
+    errors = "".join(p.read_text() for p in (storage / "oom").glob("semimed_trial_*/error.txt"))
+    assert "OutOfMemoryError" in errors and "low on memory" in errors  # killed by the monitor, then retried

@@ -443,6 +443,40 @@ def test_checkpoint_is_stated_per_cell(tmp_path):
     assert "### Reported checkpoint" in text and "(last: " in text  # @last beside selected numbers
 
 
+def test_primary_metrics_come_from_the_dataset_and_metric_registries(monkeypatch):
+    from dataclasses import replace
+
+    from semimed.data import DATASETS, dataset_spec
+    from semimed.metrics import METRICS, metric_names
+    from semimed.report import MULTI_LABEL_METRICS, PRIMARY, SINGLE_LABEL_METRICS, primary_metrics
+
+    single = set(metric_names("binary")) | set(metric_names("multiclass"))
+    assert set(SINGLE_LABEL_METRICS) <= single and set(MULTI_LABEL_METRICS) <= set(metric_names("multilabel"))
+    # a single-label study may be binary or multi-class: its primary metrics are defined for both
+    assert set(PRIMARY[False]) <= set(metric_names("binary")) & set(metric_names("multiclass"))
+    assert set(PRIMARY[True]) <= set(metric_names("multilabel"))
+    assert all(name in METRICS for names in PRIMARY.values() for name in names)
+    for name in DATASETS.names():  # the patient-level score where the dataset's spec says so, and only there
+        shown = primary_metrics({"data.dataset": name}, multilabel=False)
+        assert ("patient_accuracy" in shown) == dataset_spec(name).patient_level, name
+    assert primary_metrics({"data.dataset": "breakhis"}, multilabel=False) == [
+        "balanced_accuracy",
+        "accuracy",
+        "roc_auc",
+        "patient_accuracy",
+    ]
+    assert primary_metrics({"data.dataset": "not_registered"}, multilabel=False) == [
+        "balanced_accuracy",
+        "accuracy",
+        "roc_auc",
+    ]
+    assert primary_metrics({}, multilabel=True) == ["roc_auc", "average_precision"]
+    # the spec decides, not the dataset's name
+    flipped = replace(dataset_spec("breakhis"), patient_level=False)
+    monkeypatch.setitem(DATASETS._factories, "breakhis", flipped)
+    assert "patient_accuracy" not in primary_metrics({"data.dataset": "breakhis"}, multilabel=False)
+
+
 def test_label_efficiency():
     from semimed.report import label_efficiency
 

@@ -31,7 +31,8 @@ from semimed.experiment import build_run, run_training
 from semimed.losses import probabilities
 from semimed.methods import METHODS
 from semimed.metrics import evaluate_scores, roc_auc
-from semimed.models.backbones import create_backbone, read_backbone_metadata
+from semimed.models.backbones import create_backbone
+from semimed.models.checkpoints import read_backbone_metadata
 from semimed.runs import RUN_FILE, RunIdentity, RunLock
 
 pytestmark = [

@@ -148,3 +148,116 @@ def test_cli_sweep_with_a_typo_exits_2_with_one_line(tmp_path, capsys):
     assert main(["sweep", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("semimed: error: ") and "unknown config key 'trian'" in err and "\n" not in err
+
+
+# The shape of search_spaces/breakhis_ssl.yaml: `method` is an axis of whole method entries (name + params).
+SSL_GRID = {
+    "method": [
+        {"name": "supervised"},
+        {"name": "pseudo_label", "params": {"threshold": 0.95, "lambda_u": 1.0, "rampup_steps": 1000}},
+        {"name": "fixmatch", "params": {"threshold": 0.95, "lambda_u": 1.0}},
+        {"name": "mean_teacher", "params": {"ema_decay": 0.99, "lambda_u": 10.0, "rampup_steps": 1000}},
+        {"name": "gan_ssl", "params": {"image_size": 64, "lambda_u": 1.0}},
+    ],
+    "data.fraction": [0.01, 0.05, 0.1, 0.25, 0.5, 1.0],
+    "seed": [0, 1, 2],
+}
+METHODS = ["supervised", "pseudo_label", "fixmatch", "mean_teacher", "gan_ssl"]
+
+
+def test_override_of_a_grid_axis_replaces_the_axis(tmp_path, capsys):
+    """`semimed sweep breakhis_ssl.yaml data.fraction=0.5` ran all 90 cells: the grid axis overrode the base."""
+    path = write(tmp_path, {"name": "ssl", "base": BASE, "grid": SSL_GRID})
+    space = load_search_space(path, ["data.fraction=0.5"])
+    assert [(t["method"]["name"], t["data.fraction"], t["seed"]) for t in space.trials] == [
+        (m, 0.5, s) for m in METHODS for s in (0, 1, 2)
+    ]
+    configs = [space.trial_config(t) for t in space.trials]
+    assert {c.data.fraction for c in configs} == {0.5}
+    assert [c.method.name for c in configs] == [m for m in METHODS for _ in range(3)]
+    assert configs[6].method.params == {"threshold": 0.95, "lambda_u": 1.0}  # the grid's own entries are kept
+    note = (
+        "override data.fraction=0.5 replaces grid axis data.fraction [0.01, 0.05, 0.1, 0.25, 0.5, 1] -> [0.5]"
+    )
+    assert space.override_notes == (note,)
+
+    assert main(["sweep", str(path), "data.fraction=0.5", "train.lr=0.01", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == [note, "override train.lr=0.01 sets the base config of every trial", out[2]]
+    assert out[2].startswith("15 trial(s) of ssl -> ") and len(out) == 3 + 15
+
+
+def test_override_inside_whole_section_grid_values_is_set_in_each(tmp_path, capsys):
+    """`method.params.threshold=0.5` was dropped: each grid `method` entry replaced the base's method section."""
+    grid = {"method": SSL_GRID["method"][1:3], "seed": [0, 1]}
+    path = write(tmp_path, {"name": "ssl", "base": BASE, "grid": grid})
+    space = load_search_space(path, ["method.params.threshold=0.5"])
+    assert [(t["method"]["name"], t["seed"]) for t in space.trials] == [
+        ("pseudo_label", 0),
+        ("pseudo_label", 1),
+        ("fixmatch", 0),
+        ("fixmatch", 1),
+    ]
+    params = [space.trial_config(t).method.params for t in space.trials]
+    assert (
+        params
+        == [{"threshold": 0.5, "lambda_u": 1.0, "rampup_steps": 1000}] * 2
+        + [{"threshold": 0.5, "lambda_u": 1.0}] * 2
+    )
+    assert space.override_notes == (
+        "override method.params.threshold=0.5 is set in every value of grid axis method [pseudo_label, fixmatch]",
+    )
+    assert SSL_GRID["method"][1]["params"]["threshold"] == 0.95  # the caller's grid is not modified
+
+    # The same for `train.lr` under a grid axis of whole `train` sections.
+    trains = [{"steps": 10}, {"steps": 20, "lr": 0.1}]
+    path = write(tmp_path, {"name": "t", "base": BASE, "grid": {"train": trains}})
+    space = load_search_space(path, ["train.lr=0.003"])
+    assert [(c.train.steps, c.train.lr) for c in map(space.trial_config, space.trials)] == [
+        (10, 0.003),
+        (20, 0.003),
+    ]
+    assert main(["sweep", str(path), "train.lr=0.003", "--dry-run"]) == 0
+    assert "override train.lr=0.003 is set in every value of grid axis train" in capsys.readouterr().out
+
+
+def test_override_that_breaks_some_grid_values_is_an_error_naming_them(tmp_path):
+    path = write(tmp_path, {"name": "ssl", "base": BASE, "grid": SSL_GRID})
+    with pytest.raises(SemimedError) as info:
+        load_search_space(path, ["method.params.threshold=0.5"])
+    message = str(info.value)
+    assert message == (
+        f"{path}: override method.params.threshold=0.5 is set in every value of grid axis method and makes "
+        "supervised, mean_teacher, gan_ssl invalid (unknown parameter(s) threshold for method 'supervised'; "
+        "valid: none); to change only some entries, edit them under grid: method in the search space and "
+        "leave the override out"
+    )
+
+
+@pytest.mark.parametrize("override", ["train.lr=0.01", "train={lr: 0.01}"])
+def test_override_of_a_sampled_key_is_an_error(tmp_path, override):
+    values = {
+        "name": "s",
+        "base": BASE,
+        "grid": {"seed": [0]},
+        "sample": {"train.lr": {"loguniform": [1e-4, 1e-2]}},
+    }
+    with pytest.raises(
+        SemimedError, match=r"train.lr is sampled \(loguniform\[0.0001, 0.01\]\) and an override"
+    ):
+        load_search_space(write(tmp_path, values), [override])
+
+
+def test_override_holding_a_grid_axis_replaces_the_axis_it_sets(tmp_path):
+    grid = {"method.name": ["supervised", "fixmatch"], "train.lr": [0.1, 0.01]}
+    space = load_search_space(
+        write(tmp_path, {"name": "s", "base": BASE, "grid": grid}),
+        ["method={name: fixmatch, params: {threshold: 0.7}}"],
+    )
+    assert [(c.method.name, c.method.params, c.train.lr) for c in map(space.trial_config, space.trials)] == [
+        ("fixmatch", {"threshold": 0.7}, 0.1),
+        ("fixmatch", {"threshold": 0.7}, 0.01),
+    ]
+    assert space.override_notes[0].endswith(
+        "replaces grid axis method.name [supervised, fixmatch] -> [fixmatch]"
+    )

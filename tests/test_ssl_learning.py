@@ -21,7 +21,6 @@ The numbers of the run are printed (pytest -s) and carried in the assertion mess
 from __future__ import annotations
 
 import pytest
-import torch
 
 from semimed.config import load_config
 from semimed.experiment import run_training
@@ -56,17 +55,12 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def results(demo_roots, tmp_path_factory) -> dict[str, dict]:
-    out = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny network on a shared 2-core machine: one thread is fastest
-    try:
-        for name, extra in METHODS.items():
-            cfg = load_config(
-                None, [f"data.root={demo_roots['breakhis']}", f"method.name={name}", *COMMON, *extra]
-            )
-            out[name] = run_training(cfg, tmp_path_factory.mktemp(name), show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    out = {}  # one torch thread (tests/conftest.py): tiny networks on a shared 2-core machine
+    for name, extra in METHODS.items():
+        cfg = load_config(
+            None, [f"data.root={demo_roots['breakhis']}", f"method.name={name}", *COMMON, *extra]
+        )
+        out[name] = run_training(cfg, tmp_path_factory.mktemp(name), show_progress=False)
     for name, final in out.items():
         print(
             f"{name}: val/roc_auc={final['val/roc_auc']:.3f} test_last/roc_auc={final['test_last/roc_auc']:.3f} "

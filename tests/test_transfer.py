@@ -19,7 +19,7 @@ from semimed.config import load_config
 from semimed.data.demo import CHEST_FINDINGS
 from semimed.experiment import build_run, run_training
 from semimed.methods import METHODS
-from semimed.models.backbones import BACKBONE_FILE, read_backbone_metadata
+from semimed.models.checkpoints import BACKBONE_FILE, read_backbone_metadata
 
 SEARCH_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "transfer_vs_ssl.yaml"
 COMMON = [
@@ -30,16 +30,6 @@ COMMON = [
     "data.val_policy=none",
 ]
 SEEDS = range(8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: a second intra-op thread spin-waits against the other processes on the machine (a
-    # 40-step small_cnn run took 50 s with 2 threads under load, 1.3 s with one). These models gain nothing from it.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

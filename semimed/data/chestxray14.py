@@ -22,12 +22,16 @@ A warning and a dataset note say how many names were resolved this way.
 Rows whose image is not under root stop the load with the count and the first names, unless
 `drop_missing=True`: then they are dropped with a warning, the count is in `dataset.notes` and in
 `meta.attrs["missing_dropped"]` (the cache manifest records it).
+
+This module stays one file (about 420 lines): every helper here serves `load_chestxray14` alone, and
+semimed/data keeps one module per dataset, which registers itself when imported (semimed/data/__init__.py).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,7 @@ import pandas as pd
 from PIL import Image
 
 from semimed.data.base import LabeledImageSet
+from semimed.data.spec import DatasetSpec, option, register_dataset
 from semimed.errors import SemimedError
 
 FINDINGS: list[str] = [
@@ -318,7 +323,7 @@ def load_chestxray14(root: str | Path, view: str = "all", drop_missing: bool = F
         )
         if not drop_missing:
             raise SemimedError(
-                f"{message}; set data.drop_missing=true (semimed prepare --drop-missing) to drop them"
+                f"{message}; set data.options.drop_missing=true (semimed prepare --drop-missing) to drop them"
             )
         note = (
             f"dropped {dropped} of {int(keep.sum())} metadata rows whose image is missing "
@@ -362,3 +367,58 @@ def load_chestxray14(root: str | Path, view: str = "all", drop_missing: bool = F
         official_split=official[rows],
         notes=notes,
     )
+
+
+# ------------------------------------------------------------------------------------------------ registration
+
+
+@dataclass(frozen=True)
+class ChestXray14Options:
+    view: str = option(
+        "all", "keep the rows of one View Position (PA or AP), or all", choices=("all", *VIEWS)
+    )
+    drop_missing: bool = option(
+        False,
+        "drop metadata rows whose image is not under root, counting them (default: stop, naming them)",
+    )
+
+
+def _load(root: Path, task: str, options: ChestXray14Options) -> LabeledImageSet:
+    return load_chestxray14(root, view=options.view, drop_missing=options.drop_missing)
+
+
+def check_release(
+    dataset: LabeledImageSet, options: ChestXray14Options
+) -> tuple[dict[str, int] | None, list[str]]:
+    """The full release's totals (known for all views only) and the rows dropped for a missing image."""
+    expected = (
+        {"images": TOTAL_IMAGES, "patients": TOTAL_PATIENTS} if _parse_view(options.view) is None else None
+    )
+    missing = []
+    dropped = int(dataset.meta.attrs.get("missing_dropped", 0))
+    if dropped:
+        missing.append(
+            f"{dropped} rows of {dataset.meta.attrs.get('metadata', 'the metadata')} have no image "
+            "under root (dropped: --drop-missing)"
+        )
+    return expected, missing
+
+
+SPEC = register_dataset(
+    DatasetSpec(
+        name="chestxray14",
+        description="NIH ChestX-ray14 (Wang et al. 2017): Data_Entry_2017*.csv(.gz), official lists, PNGs",
+        root_help="the folder holding the Data_Entry table, test_list.txt and the images (at any depth)",
+        options=ChestXray14Options,
+        tasks=("findings",),
+        default_task="findings",
+        task_help="findings: the 14 findings, multi-label",
+        load=_load,
+        release=f"{TOTAL_IMAGES:,} images / {TOTAL_PATIENTS:,} patients (Data_Entry_2017_v2020)",
+        check_release=check_release,
+        split_rule=(
+            "official: test_list.txt is test, val = data.val_fraction of the train_val_list.txt patients"
+        ),
+        patient_level=False,
+    )
+)

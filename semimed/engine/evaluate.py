@@ -8,6 +8,7 @@ The multi-label decision thresholds are chosen on val at that checkpoint (Youden
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from semimed.data.augment import Normalizer
 from semimed.data.views import ImageView, RunData, eval_loader
 from semimed.engine.checkpoint import load_canonical_state, method_state
+from semimed.engine.ema import WeightEMA
 from semimed.errors import SemimedError
 from semimed.files import publish, staging_path
 from semimed.losses import probabilities
@@ -117,8 +119,9 @@ class Evaluator:
         world: int,
         channels_last: bool,
         normalize: Normalizer,
+        ema: WeightEMA | None = None,
     ) -> None:
-        self.method, self.data = method, data
+        self.method, self.data, self.ema = method, data, ema
         self.select_metric = select_metric or "roc_auc"
         task = task_of(len(data.classes), data.multilabel)
         available = metric_names(task, has_patients=data.patient_ids is not None)
@@ -158,11 +161,12 @@ class Evaluator:
         """val/* metrics at `step` (empty without a val set); a better select_metric becomes the best."""
         if self.val is None:
             return {}
-        scored = self.evaluate(self.val, choose=True)
-        score = scored.metrics.get(self.select_metric, math.nan)
-        if score is not None and np.isfinite(score) and score > self.best.score:
-            thresholds = None if scored.thresholds is None else torch.as_tensor(scored.thresholds)
-            self.best = Best(float(score), step, method_state(self.method), thresholds)
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            scored = self.evaluate(self.val, choose=True)
+            score = scored.metrics.get(self.select_metric, math.nan)
+            if score is not None and np.isfinite(score) and score > self.best.score:
+                thresholds = None if scored.thresholds is None else torch.as_tensor(scored.thresholds)
+                self.best = Best(float(score), step, method_state(self.method), thresholds)
         return {f"val/{k}": v for k, v in scored.metrics.items()}
 
     def finish(self, steps: int) -> tuple[dict[str, Any], list[pd.DataFrame]]:
@@ -170,6 +174,8 @@ class Evaluator:
 
         On return the method holds the REPORTED weights (what a run exports and explains).
         """
+        if self.ema is not None:
+            self.ema.copy_to_model()  # training is over: the averaged weights are the run's from here on
         selected = self.best.state is not None
         if not selected and self.val is not None:
             warnings.warn(
@@ -182,7 +188,8 @@ class Evaluator:
             "selected_step": self.best.step if selected else steps,
             "reported_checkpoint": "selected" if selected else "last",
             "select_metric": self.select_metric,
-            "evaluated_model": self.method.evaluated_model(),
+            "evaluated_model": self.method.evaluated_model()
+            + (f" (EMA {self.ema.decay:g})" if self.ema is not None else ""),
         }
         if self.test is None:
             return final, []

@@ -21,6 +21,7 @@ from semimed.config import TrainConfig
 from semimed.data.augment import Normalizer
 from semimed.data.views import RunData, step_loader, unlabeled_pool
 from semimed.engine.checkpoint import latest_checkpoint, method_state, resume_state, save_checkpoint
+from semimed.engine.ema import WeightEMA
 from semimed.engine.evaluate import PREDICTIONS_FILE, Best, Evaluator, to_device, write_predictions
 from semimed.engine.log import Tensorboard, TrainLog
 from semimed.engine.optim import Optimization
@@ -97,131 +98,158 @@ def fit(
     last), `test_last/*`, and which checkpoint and network they come from. Writes checkpoints, TensorBoard
     curves and `predictions.parquet` under `run_dir` (rank 0). On return `method` holds the reported weights.
     """
-    _check_budget(cfg)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = device or resolve_device(cfg.device)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    needs = method.needs
-    if needs.unlabeled and not len(unlabeled_pool(data.rows)):
-        raise SemimedError(f"method {type(method).__name__} needs unlabeled images, but the split has none")
-    num_unlabeled = len(unlabeled_pool(data.rows)) if needs.unlabeled else 0
-    method.setup(
-        DataInfo(
-            len(data.rows["labeled"]),
-            num_unlabeled,
-            list(data.classes),
-            data.multilabel,
-            data.labeled_class_counts(),
-        )
-    )
-    state = resume_state(resume_from, run_dir, world, fingerprint)
-    start_step = 0
-    if state is not None:
-        method.load_state_dict(state["method"])
-        start_step = int(state["step"])
-    _same_on_every_rank(start_step, world)
-    method.to(device)
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        method.wrap_models(lambda net: nn.parallel.DistributedDataParallel(net, device_ids=ids))
-    optimization = Optimization(method, cfg, device)
-    if state is not None:
-        optimization.load_state_dict(state)
-    autocast = _autocast(cfg.amp, device)
-    if cfg.channels_last:
-        method.to(memory_format=torch.channels_last)
-    normalize = data.normalize or Normalizer(data.channels)
-    streams = TrainStreams(data, needs, cfg, seed, start_step, rank, world)
-    if state is not None and "torch_rng" in state:
-        # Augmentations and dropout draw from torch's generator: continue its stream, so a resumed run sees the
-        # same random crops as an uninterrupted one (exact with loader_workers=0). Restored after the loaders
-        # are built, because creating a loader iterator draws from the same generator.
-        torch.set_rng_state(state["torch_rng"])
-    batch_size = max(cfg.batch_size // world, 64)
-    evaluator = Evaluator(
-        method,
-        data,
-        cfg.select_metric,
-        batch_size,
-        device,
-        autocast,
-        rank,
-        world,
-        cfg.channels_last,
-        normalize,
-    )
-    if state is not None:
-        evaluator.best = Best.from_dict(state["best"])
-    board = Tensorboard(run_dir, rank == 0)
-    log = TrainLog(board, cfg.steps, start_step, cfg.eval_every, show_progress and rank == 0)
-
-    method.train()
+    run = _Run(method, data, cfg, seed, run_dir, resume_from, device, show_progress, fingerprint)
     metrics: dict[str, Any] = {}
-    for step in range(start_step, cfg.steps):
-        batch = streams.next(device, cfg.channels_last, normalize)
-        with autocast():
+    method.train()
+    for step in range(run.start_step, cfg.steps):
+        batch = run.streams.next(run.device, cfg.channels_last, run.normalize)
+        with run.autocast():
             out = method.train_step(batch, step)
         if not torch.isfinite(out.loss.detach()):
             raise SemimedError(
                 f"loss became {float(out.loss)} at step {step}; lower train.lr or enable grad_clip"
             )
-        method.update_parameters(out.loss, optimization, step)
+        method.update_parameters(out.loss, run.optimization, step)
         method.after_optimizer_step(step)
-        log.record(out, len(next(iter(batch.values()))) * world)
+        if run.ema is not None:
+            run.ema.update()
+        run.log.record(out, len(next(iter(batch.values()))) * run.world)
         done = step + 1
-        log.flush(done, optimization.lr)
-        evaluate, save = _due(done, cfg.eval_every, cfg.steps), _due(done, cfg.checkpoint_every, cfg.steps)
-        if evaluate or save:
-            metrics = {"step": done, **log.last}
-            if evaluate:
-                metrics.update(_validate(evaluator, board, method, done, rank))
-            path = None
-            if save and rank == 0 and run_dir is not None:
-                path = str(_save(run_dir, done, method, optimization, evaluator.best, fingerprint))
+        run.log.flush(done, run.optimization.lr)
+        if _due(done, cfg.eval_every, cfg.steps) or _due(done, cfg.checkpoint_every, cfg.steps):
+            metrics = run.evaluate_and_save(done)
             if report is not None and done < cfg.steps:
-                report(metrics, path)
-    log.close()
-
-    final: dict[str, Any] = {"step": cfg.steps, "resumed_from_step": start_step}
-    if start_step < cfg.steps:
-        final.update({k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))})
-    test_metrics, predictions = evaluator.finish(cfg.steps)
-    final.update(test_metrics)
-    board.scalars({k: v for k, v in final.items() if k.startswith("test")}, cfg.steps)
-    board.close()
-    if rank == 0 and run_dir is not None and predictions:
-        write_predictions(predictions, run_dir / PREDICTIONS_FILE)
+                report(metrics, run.last_checkpoint if _due(done, cfg.checkpoint_every, cfg.steps) else None)
+    final = run.finish(metrics)
     if report is not None:
-        path = str(latest_checkpoint(run_dir / "checkpoints")) if run_dir is not None and rank == 0 else None
         # Not "done": Tune reads a result with done=True as "stop this trial", which would kill the worker
         # before run_training writes metrics.json.
-        report({**final, "final": True}, path)
+        report({**final, "final": True}, run.latest_checkpoint())
     return final
 
 
-def _validate(
-    evaluator: Evaluator, board: Tensorboard, method: Method, step: int, rank: int
-) -> dict[str, float]:
-    values = evaluator.validate(step)
-    if values:
-        board.scalars(values, step)
-        if rank == 0:
-            board.images(method.tensorboard_images(), step)
-    return values
+class _Run:
+    """Everything one `fit` call sets up and keeps (device, resume, optimizers, EMA, streams, evaluator,
+    curves) and the hooks around the loop: evaluate and checkpoint, finish."""
 
+    def __init__(
+        self,
+        method: Method,
+        data: RunData,
+        cfg: TrainConfig,
+        seed: int,
+        run_dir: str | Path | None,
+        resume_from: str | Path | None,
+        device: torch.device | None,
+        show_progress: bool,
+        fingerprint: str | None,
+    ) -> None:
+        _check_budget(cfg)
+        self.method, self.cfg, self.fingerprint = method, cfg, fingerprint
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.device = device or resolve_device(cfg.device)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        needs = method.needs
+        pool = len(unlabeled_pool(data.rows)) if needs.unlabeled else 0
+        if needs.unlabeled and not pool:
+            raise SemimedError(
+                f"method {type(method).__name__} needs unlabeled images, but the split has none"
+            )
+        counts = data.labeled_class_counts()
+        method.setup(DataInfo(len(data.rows["labeled"]), pool, list(data.classes), data.multilabel, counts))
+        state = resume_state(resume_from, self.run_dir, self.world, fingerprint)
+        self.start_step = int(state["step"]) if state is not None else 0
+        if state is not None:
+            method.load_state_dict(state["method"])
+        _same_on_every_rank(self.start_step, self.world)
+        method.to(self.device)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            method.wrap_models(lambda net: nn.parallel.DistributedDataParallel(net, device_ids=ids))
+        self.optimization = Optimization(method, cfg, self.device)
+        self.ema = WeightEMA(self.optimization, cfg.ema) if cfg.ema > 0 else None
+        if state is not None:
+            self.optimization.load_state_dict(state)
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
+        self.autocast = _autocast(cfg.amp, self.device)
+        if cfg.channels_last:
+            method.to(memory_format=torch.channels_last)
+        self.normalize = data.normalize or Normalizer(data.channels)
+        self.streams = TrainStreams(data, needs, cfg, seed, self.start_step, self.rank, self.world)
+        if state is not None and "torch_rng" in state:
+            # Augmentations and dropout draw from torch's generator: continue its stream, so a resumed run sees
+            # the same random crops as an uninterrupted one (exact with loader_workers=0). Restored after the
+            # loaders are built, because creating a loader iterator draws from the same generator.
+            torch.set_rng_state(state["torch_rng"])
+        self.evaluator = Evaluator(
+            method,
+            data,
+            cfg.select_metric,
+            max(cfg.batch_size // self.world, 64),
+            self.device,
+            self.autocast,
+            self.rank,
+            self.world,
+            cfg.channels_last,
+            self.normalize,
+            self.ema,
+        )
+        if state is not None:
+            self.evaluator.best = Best.from_dict(state["best"])
+        self.board = Tensorboard(self.run_dir, self.rank == 0)
+        self.log = TrainLog(
+            self.board, cfg.steps, self.start_step, cfg.eval_every, show_progress and self.rank == 0
+        )
+        self.last_checkpoint: str | None = None
 
-def _save(
-    run_dir: Path, step: int, method: Method, optimization: Optimization, best: Best, fingerprint: str | None
-) -> Path:
-    state = {
-        "step": step,
-        "method": method_state(method),
-        **optimization.state_dict(),
-        "best": best.to_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "fingerprint": fingerprint,
-    }
-    return save_checkpoint(state, run_dir / "checkpoints", step)
+    def evaluate_and_save(self, done: int) -> dict[str, Any]:
+        """At an evaluation or checkpoint step: val metrics (and the best-so-far), then the checkpoint."""
+        metrics: dict[str, Any] = {"step": done, **self.log.last}
+        if _due(done, self.cfg.eval_every, self.cfg.steps):
+            values = self.evaluator.validate(done)
+            if values:
+                self.board.scalars(values, done)
+                if self.rank == 0:
+                    self.board.images(self.method.tensorboard_images(), done)
+            metrics.update(values)
+        if (
+            _due(done, self.cfg.checkpoint_every, self.cfg.steps)
+            and self.rank == 0
+            and self.run_dir is not None
+        ):
+            state = {
+                "step": done,
+                "method": method_state(self.method),
+                **self.optimization.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "best": self.evaluator.best.to_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "fingerprint": self.fingerprint,
+            }
+            self.last_checkpoint = str(save_checkpoint(state, self.run_dir / "checkpoints", done))
+        return metrics
+
+    def finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The final metrics: the last curves (when this call trained), test at the last and reported
+        checkpoints; writes the test scalars and predictions.parquet."""
+        self.log.close()
+        final: dict[str, Any] = {"step": self.cfg.steps, "resumed_from_step": self.start_step}
+        if self.start_step < self.cfg.steps:
+            final.update({k: v for k, v in metrics.items() if k.startswith(("train/", "val/"))})
+        test_metrics, predictions = self.evaluator.finish(self.cfg.steps)
+        final.update(test_metrics)
+        self.board.scalars({k: v for k, v in final.items() if k.startswith("test")}, self.cfg.steps)
+        self.board.close()
+        if self.rank == 0 and self.run_dir is not None and predictions:
+            write_predictions(predictions, self.run_dir / PREDICTIONS_FILE)
+        return final
+
+    def latest_checkpoint(self) -> str | None:
+        if self.run_dir is None or self.rank != 0:
+            return None
+        found = latest_checkpoint(self.run_dir / "checkpoints")
+        return str(found) if found is not None else None
 
 
 def _due(done: int, every: int, steps: int) -> bool:

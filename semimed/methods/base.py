@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from semimed.errors import SemimedError
-from semimed.models.backbones import unwrap_model as unwrap
+from semimed.models.parts import unwrap_model as unwrap
 from semimed.registry import Registry
 
 if TYPE_CHECKING:

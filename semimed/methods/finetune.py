@@ -31,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from semimed.errors import SemimedError
 from semimed.losses import supervised_loss
 from semimed.methods.base import METHODS, Batch, Method, StepOutput
-from semimed.models.backbones import classifier_name, is_head_key, unwrap_model
+from semimed.models.parts import classifier_name, is_head_key, unwrap_model
 
 STRATEGIES = ("linear_probe", "full", "gradual")
 

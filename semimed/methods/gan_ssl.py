@@ -12,8 +12,8 @@ from semimed.errors import SemimedError
 from semimed.losses import supervised_loss
 from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
 from semimed.methods.common import pseudo_label_logs
-from semimed.models.backbones import unwrap_model as unwrap
 from semimed.models.gan import Discriminator, Generator
+from semimed.models.parts import unwrap_model as unwrap
 
 
 @METHODS.register("gan_ssl")

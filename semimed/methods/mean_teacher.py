@@ -13,7 +13,7 @@ from semimed.errors import SemimedError
 from semimed.losses import probabilities, supervised_loss
 from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
 from semimed.methods.common import ema_decay, ema_update_, pseudo_label_logs, sigmoid_rampup
-from semimed.models.backbones import unwrap_model as unwrap
+from semimed.models.parts import unwrap_model as unwrap
 
 STUDENT_VIEWS = ("weak", "strong")
 

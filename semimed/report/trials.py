@@ -1,0 +1,251 @@
+"""Reading trial folders and deciding what is averaged with what: trials, studies, arms, cells, matched controls.
+
+What is averaged with what (the flattened result keys of each trial's config, semimed.config.result_keys):
+- A *study* is the trials that share every `data.*` key except `data.fraction` and `data.split_seed`: the same
+  dataset, task, files, options, image size and split/validation protocol, hence the same kind of test set.
+  Studies get separate sections and are never averaged or compared; a note names the keys that differ.
+- An *arm* is the trials of a study that share every other result key (method, its params, model, training)
+  except `seed`; a *cell* is an arm at one label fraction, its trials are its seeds. Arms are never merged: an
+  arm's label is its method plus the keys that vary between the study's arms (`fixmatch(threshold=0.9)`).
+- The *matched control* of an arm is the plain `supervised` arm (no method params, no pretraining) whose result
+  keys equal the arm's except the method-side ones (`method.*`, `model.pretrained*`, `train.unlabeled_ratio`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from semimed.config import config_from_dict, result_keys
+from semimed.errors import SemimedError
+
+CONTROL = "supervised"
+# What varies inside a cell (its seeds) or between an arm's cells (fractions).
+NOT_A_CELL_KEY = ("seed", "data.split_seed", "data.fraction")
+METHOD_SIDE = ("model.pretrained", "model.pretrained_checkpoint", "train.unlabeled_ratio")
+ABSENT = '"(absent)"'
+
+
+@dataclass
+class Trial:
+    name: str
+    path: Path
+    keys: dict[str, Any]  # flattened result keys of its config
+    metrics: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        self.seed = int(self.keys.get("seed") or 0)
+        self.fraction = float(self.keys.get("data.fraction", math.nan))
+        split_seed = self.keys.get("data.split_seed")
+        # What tells the seeds of a cell apart (and pairs an arm's seed with its control's).
+        self.replicate = (self.seed, self.seed if split_seed is None else int(split_seed))
+        self.multilabel = any(k.endswith("roc_auc_macro") for k in self.metrics)
+        # "selected" (on val) or "last"; runs older than the reported_checkpoint key: "selected" iff the
+        # selected step is not the last one.
+        kind, m = self.metrics.get("reported_checkpoint"), self.metrics
+        if kind is None and m.get("selected_step") is not None and m.get("step") is not None:
+            kind = "selected" if m["selected_step"] != m["step"] else "last"
+        self.checkpoint = str(kind or "unknown")
+
+    def value(self, column: str) -> float:
+        value = self.metrics.get(column)
+        return math.nan if value is None else float(value)
+
+
+@dataclass
+class TrialSet:
+    trials: list[Trial]
+    unfinished: list[str] = field(default_factory=list)  # trial folders without metrics.json
+    skipped: list[str] = field(default_factory=list)  # "trial: why" for unreadable files
+
+
+def warn(message: str) -> None:
+    """A RuntimeWarning that `semimed report` prints after its tables (stacklevel: the caller's caller)."""
+    warnings.warn(f"semimed report: {message}", RuntimeWarning, stacklevel=3)
+
+
+def collect_trials(experiment_dir: str | Path) -> TrialSet:
+    """Every trial folder under `runs/`: finished ones read, unfinished ones named, unreadable ones skipped
+    (each with a warning that names it). No finished trial at all is an error."""
+    experiment_dir = Path(experiment_dir)
+    if not experiment_dir.is_dir():
+        raise SemimedError(f"{experiment_dir}: experiment directory not found")
+    out = TrialSet([])
+    for folder in sorted(p for p in experiment_dir.glob("runs/*") if p.is_dir() and p.name[0] != "."):
+        if not (folder / "metrics.json").is_file():
+            out.unfinished.append(folder.name)
+            continue
+        try:
+            metrics = json.loads((folder / "metrics.json").read_text())
+            raw = yaml.safe_load((folder / "config.yaml").read_text())
+            if not isinstance(metrics, dict) or not isinstance(raw, dict):
+                raise ValueError("not a mapping")
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            out.skipped.append(
+                f"{folder.name}: unreadable metrics.json or config.yaml ({str(exc).splitlines()[0]})"
+            )
+            warn(f"skipping trial {out.skipped[-1]}")
+            continue
+        try:  # today's schema with its defaults, so that trials written before a key existed still match
+            raw = config_from_dict(raw).to_dict()
+        except (SemimedError, TypeError, ValueError):
+            pass
+        out.trials.append(Trial(folder.name, folder, result_keys(raw), metrics))
+    if not out.trials:
+        unfinished = f"; unfinished: {', '.join(out.unfinished)}" if out.unfinished else ""
+        skipped = f"; skipped: {'; '.join(out.skipped)}" if out.skipped else ""
+        raise SemimedError(
+            f"{experiment_dir}: no finished trial (no runs/*/metrics.json){unfinished}{skipped}"
+        )
+    return out
+
+
+def canon(value: Any) -> str:
+    """A key's value as canonical JSON: what trials are grouped by."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def show(canonical: str) -> str:
+    """A canonical value as the tables print it: floats with %g, booleans as JSON, the rest as str."""
+    value = json.loads(canonical)
+    return (
+        f"{value:g}"
+        if isinstance(value, float)
+        else json.dumps(value)
+        if isinstance(value, bool)
+        else str(value)
+    )
+
+
+def group_keys(trial: Trial, data: bool) -> dict[str, str]:
+    """The trial's study keys (data=True) or arm keys (data=False), values canonical JSON."""
+    items = trial.keys.items()
+    return {k: canon(v) for k, v in items if k.startswith("data.") == data and k not in NOT_A_CELL_KEY}
+
+
+def _method_side(key: str) -> bool:
+    return key.startswith("method.") or key in METHOD_SIDE
+
+
+def _varying(dicts: list[dict[str, str]]) -> list[str]:
+    """Keys whose value (or presence) differs between the dicts."""
+    return [k for k in sorted(set().union(*dicts)) if len({d.get(k, ABSENT) for d in dicts}) > 1]
+
+
+def _arm_labels(arms: list[dict[str, str]]) -> list[str]:
+    """Readable, unique labels: method (+pretrained) and the keys that vary between the arms; method-side keys
+    only where they vary between arms of the same method."""
+    varying = _varying(arms)
+    short = {k: k.rsplit(".", 1)[-1] for k in varying}
+    short = {k: s if list(short.values()).count(s) == 1 else k for k, s in short.items()}
+
+    def label(arm: dict[str, str], everything: bool) -> str:
+        name = json.loads(arm.get("method.name", '"?"')) + ("" if _plain(arm) else "+pretrained")
+        same = [a for a in arms if a.get("method.name") == arm.get("method.name")]
+        shown = [
+            f"{k if everything else short[k]}={show(arm[k])}"
+            for k in varying
+            if k in arm and arm[k] != "{}" and k not in ("method.name", "model.pretrained")
+            if everything or not _method_side(k) or len({a.get(k) for a in same}) > 1
+        ]
+        return name + (f"({', '.join(shown)})" if shown else "")
+
+    labels = [label(a, False) for a in arms]
+    return labels if len(set(labels)) == len(labels) else [label(a, True) for a in arms]
+
+
+def _plain(arm: dict[str, str]) -> bool:
+    return (
+        arm.get("model.pretrained", "false") == "false"
+        and arm.get("model.pretrained_checkpoint", '""') == '""'
+    )
+
+
+def is_control(arm: dict[str, str]) -> bool:
+    """Whether arm keys (`group_keys(trial, data=False)`) are a plain supervised arm: a matched control."""
+    params = any(k.startswith("method.params.") for k in arm)
+    return arm.get("method.name") == canon(CONTROL) and not params and _plain(arm)
+
+
+@dataclass
+class Study:
+    label: str
+    data: dict[str, Any]  # its data keys
+    multilabel: bool
+    arms: dict[str, list[Trial]]  # arm label -> trials, controls first
+    control: dict[str, str | None]  # arm label -> its matched control's label (None: no matched control)
+
+    @property
+    def fractions(self) -> list[float]:
+        return sorted({t.fraction for trials in self.arms.values() for t in trials})
+
+
+def _matched_controls(arms: dict[str, dict[str, str]]) -> dict[str, str | None]:
+    """Each non-control arm -> the control arm with the same non-method-side keys (the same unlabeled_ratio
+    preferred), or None."""
+    out = {}
+    for label, arm in arms.items():
+        if is_control(arm):
+            continue
+        same = {k: v for k, v in arm.items() if not _method_side(k)}
+        found = [
+            c
+            for c, a in arms.items()
+            if is_control(a) and {k: v for k, v in a.items() if not _method_side(k)} == same
+        ]
+        ratio = [c for c in found if arms[c].get("train.unlabeled_ratio") == arm.get("train.unlabeled_ratio")]
+        out[label] = (ratio or found or [None])[0]
+    return out
+
+
+def _study_labels(studies: list[dict[str, str]], differ: list[str]) -> list[str]:
+    """The fewest differing keys (dataset, task, root first) that tell the studies apart, e.g. `dataset=breakhis`."""
+    differ = sorted(
+        differ, key=lambda k: (k not in ("data.dataset", "data.task", "data.root"), differ.index(k))
+    )
+    for count in range(1, len(differ) + 1):
+        labels = [
+            ", ".join(f"{k.removeprefix('data.')}={show(s[k])}" for k in differ[:count] if k in s)
+            for s in studies
+        ]
+        if len(set(labels)) == len(labels) and all(labels):
+            return labels
+    return [f"study {i}" for i in range(1, len(studies) + 1)]
+
+
+def group_studies(trials: list[Trial]) -> tuple[list[Study], str]:
+    """Studies (see the module docstring) and a one-line note on what differs between them ("" for one)."""
+    by_study: dict[tuple, list[Trial]] = {}
+    for trial in trials:
+        by_study.setdefault(tuple(group_keys(trial, data=True).items()), []).append(trial)
+    differ = _varying([dict(k) for k in by_study])
+    note = ""
+    if len(by_study) > 1:
+        common = [k for k in differ if all(k in dict(s) for s in by_study)]  # not dataset-specific options
+        parts = [
+            f"{k}: " + " vs ".join(sorted({show(dict(s).get(k, ABSENT)) for s in by_study}))
+            for k in common or differ
+        ]
+        note = f"{len(by_study)} studies, reported separately and never averaged or compared: " + "; ".join(
+            parts
+        )
+    labels = _study_labels([dict(k) for k in by_study], differ)
+    studies = []
+    for index, (key, members) in enumerate(by_study.items(), 1):
+        by_arm: dict[tuple, list[Trial]] = {}
+        for trial in members:
+            by_arm.setdefault(tuple(group_keys(trial, data=False).items()), []).append(trial)
+        arm_keys = dict(zip(_arm_labels([dict(k) for k in by_arm]), by_arm, strict=True))
+        order = sorted(arm_keys, key=lambda label: (not is_control(dict(arm_keys[label])), label))
+        arms = {label: by_arm[arm_keys[label]] for label in order}
+        control = _matched_controls({label: dict(arm_keys[label]) for label in order})
+        label = labels[index - 1] if len(by_study) > 1 else show(dict(key).get("data.dataset", '"all"'))
+        data = {k: json.loads(v) for k, v in key}
+        studies.append(Study(label, data, any(t.multilabel for t in members), arms, control))
+    return sorted(studies, key=lambda s: s.label), note
