@@ -179,6 +179,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """Self-supervised pretraining of the backbone on the training split's images (never labels, never val or
+    test) before this run; cached by fingerprint, so one pretraining serves every label fraction of a seed."""
+
+    method: str = ""  # "" = none; a method that reads no labels: simclr | byol
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 1e-3
+    params: dict[str, Any] = field(default_factory=dict)  # the method's hyperparameters (temperature, ...)
+
+
+@dataclass(frozen=True)
 class ScalingConfig:
     num_workers: int = 1  # Ray Train workers (DDP ranks); 0 = a sweep trial trains in-process (no Train)
     use_gpu: bool = False
@@ -196,6 +208,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
     @property

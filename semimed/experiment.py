@@ -38,6 +38,7 @@ from semimed.files import atomic_write_text
 from semimed.methods import Method, create_method
 from semimed.models.backbones import create_backbone
 from semimed.models.checkpoints import BACKBONE_FILE, save_backbone
+from semimed.pretrain import pretrained_backbone
 from semimed.runs import RunIdentity, RunLock, check_run_dir, git_commit, run_identity, write_identity
 
 
@@ -53,10 +54,37 @@ def check_config(cfg: Config) -> None:
     if cfg.data.dataset not in DATASETS:
         raise SemimedError(f"unknown data.dataset {cfg.data.dataset!r}; valid: {', '.join(DATASETS.names())}")
     check_method(cfg.method.name, cfg.method.params)
+    _check_pretrain(cfg)
     if cfg.model.backbone not in LOCAL_BACKBONES and not timm.is_model(cfg.model.backbone):
         raise SemimedError(
             f"unknown model.backbone {cfg.model.backbone!r}; valid: {', '.join(backbone_names())} "
             "(or any timm.list_models() name)"
+        )
+
+
+def _check_pretrain(cfg: Config) -> None:
+    from semimed.methods import METHODS, check_method
+
+    name = cfg.pretrain.method
+    if not name:
+        return
+    if name not in METHODS or METHODS.get(name).classifies:
+        valid = [m for m in METHODS.names() if not METHODS.get(m).classifies]
+        raise SemimedError(
+            f"unknown pretrain.method {name!r}; valid (methods that read no labels): {', '.join(valid)}"
+        )
+    check_method(name, cfg.pretrain.params)
+    if not METHODS.get(cfg.method.name).classifies:
+        raise SemimedError(
+            f"pretrain.method is for a run that fine-tunes a classifier, not for {cfg.method.name!r}"
+        )
+    if cfg.model.pretrained or cfg.model.pretrained_checkpoint:
+        raise SemimedError(
+            "pretrain.method and model.pretrained / model.pretrained_checkpoint both give the start weights; pick one"
+        )
+    if cfg.pretrain.steps < 1 or cfg.pretrain.batch_size < 1:
+        raise SemimedError(
+            f"pretrain.steps={cfg.pretrain.steps} and pretrain.batch_size={cfg.pretrain.batch_size} must be >= 1"
         )
 
 
@@ -79,7 +107,7 @@ def load_split(cfg: Config, dataset) -> Split:
     )
 
 
-def build_run(cfg: Config) -> tuple[Method, RunData, Split]:
+def build_run(cfg: Config, show_progress: bool = True) -> tuple[Method, RunData, Split]:
     """The method, the data it reads, and the split, for `cfg` (draws the network's initial weights from torch's
     generator: `run_training` seeds it)."""
     check_config(cfg)  # names first: a typo should not wait for the data to load
@@ -91,12 +119,15 @@ def build_run(cfg: Config) -> tuple[Method, RunData, Split]:
     bad = sorted(set(decoded.bad_rows) & set(used.tolist()))
     if bad:
         raise SemimedError(decoded.bad_rows_message(bad))
+    start_from = cfg.model.pretrained_checkpoint
+    if cfg.pretrain.method:  # self-supervised pretraining on this split's training images, cached per seed
+        start_from = str(pretrained_backbone(cfg, dataset, show_progress=show_progress))
     model = create_backbone(
         cfg.model.backbone,
         dataset.num_classes,
         dataset.channels,
         cfg.model.pretrained,
-        cfg.model.pretrained_checkpoint,
+        start_from,
         cfg.model.drop_rate,
         cfg.data.image_size,
     )
@@ -119,7 +150,7 @@ def build_run(cfg: Config) -> tuple[Method, RunData, Split]:
 
 
 def _normalization_stats(model, cfg: Config):
-    if not (cfg.model.pretrained or cfg.model.pretrained_checkpoint):
+    if not (cfg.model.pretrained or cfg.model.pretrained_checkpoint or cfg.pretrain.method):
         return None, None
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
     return pretrained_cfg.get("mean"), pretrained_cfg.get("std")
@@ -167,7 +198,7 @@ def run_training(
     # the caller's global RNG state is left as it was (splits use their own explicit generators).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        method, data, split = build_run(cfg)
+        method, data, split = build_run(cfg, show_progress)
         identity = run_identity(cfg, split)
         if write_files:
             check_run_dir(run_dir, identity)

@@ -170,6 +170,13 @@ def explain_run(
             "metrics were reported for, which a run exports when it ends"
         )
     cfg = load_config(run_dir / "config.yaml")
+    from semimed.methods import METHODS
+
+    if cfg.method.name in METHODS and not METHODS.get(cfg.method.name).classifies:
+        raise SemimedError(
+            f"{run_dir}: a {cfg.method.name} run pretrains a backbone without labels, so it has no classifier to "
+            "explain; explain a run fine-tuned from it (model.pretrained_checkpoint=RUN_DIR)"
+        )
     classes = Split.load(run_dir / "split.json").classes
     meta = read_backbone_metadata(exported)
     channels = int(json.loads(meta.get("in_chans", "3")))

@@ -35,6 +35,10 @@ HEARTBEAT_S = 10.0  # a lock holder refreshes its lock file this often ...
 STALE_AFTER_S = 60.0  # ... so a lock from another host untouched this long is left by a dead process
 
 
+class RunLockedError(SemimedError):
+    """Another live process holds the run folder's lock."""
+
+
 def git_commit() -> str:
     """The commit of the checkout semimed runs from ('' outside a git checkout, e.g. a Ray job's upload)."""
     try:
@@ -167,7 +171,7 @@ class RunLock:
                 if self._stale():
                     self.path.unlink(missing_ok=True)
                     continue
-                raise SemimedError(
+                raise RunLockedError(
                     f"{self.run_dir}: another process ({self._holder()}) is writing this run folder; wait for it "
                     f"to finish, or delete {self.path} if that process is gone"
                 ) from None

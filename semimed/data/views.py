@@ -73,13 +73,16 @@ class StreamView(ImageView):
         return sample
 
 
-def unlabeled_pool(rows: dict[str, np.ndarray]) -> np.ndarray:
-    """The rows a method reads as unlabeled images.
+def unlabeled_pool(rows: dict[str, np.ndarray], labeled_stream: bool = True) -> np.ndarray:
+    """The rows a method reads as unlabeled images (never val or test).
 
-    At fraction 1.0 nothing is left unlabeled: SSL methods then see every training image as an unlabeled one
-    too (its label hidden), as in FixMatch's fully supervised runs, so that the 1.0 cell of a label-fraction
-    study exists for every method, not only the control.
+    A method without a labeled stream (self-supervised pretraining) reads every training image, its label
+    hidden. At fraction 1.0 nothing is left unlabeled: SSL methods then see every training image as an
+    unlabeled one too, as in FixMatch's fully supervised runs, so that the 1.0 cell of a label-fraction study
+    exists for every method, not only the control.
     """
+    if not labeled_stream:
+        return rows["train"]
     return rows["unlabeled"] if len(rows["unlabeled"]) else rows["train"]
 
 
@@ -130,10 +133,11 @@ class RunData:
         transform = build_transform(self.labeled_augment, self.image_size)
         return StreamView(self.pixels, self._target_tensor, self.rows["labeled"], {"x": transform}, "x", "y")
 
-    def unlabeled_stream(self, view_keys: list[tuple[str, str]]) -> StreamView:
+    def unlabeled_stream(self, view_keys: list[tuple[str, str]], labeled_stream: bool = True) -> StreamView:
         """The unlabeled pool with one transform per (batch key, view kind), e.g. [("u_weak", "weak")]."""
         views = {key: build_transform(kind, self.image_size) for key, kind in view_keys}
-        return StreamView(self.pixels, self._target_tensor, unlabeled_pool(self.rows), views, "u", "u_true")
+        pool = unlabeled_pool(self.rows, labeled_stream)
+        return StreamView(self.pixels, self._target_tensor, pool, views, "u", "u_true")
 
     def labeled_class_counts(self) -> np.ndarray:
         """Labeled images per class [K] (multi-label: known positives per finding)."""

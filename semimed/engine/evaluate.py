@@ -122,7 +122,14 @@ class Evaluator:
         ema: WeightEMA | None = None,
     ) -> None:
         self.method, self.data, self.ema = method, data, ema
+        self.batch_size, self.device, self.autocast = batch_size, device, autocast
+        self.rank, self.world, self.channels_last, self.normalize = rank, world, channels_last, normalize
         self.select_metric = select_metric or "roc_auc"
+        # A self-supervised method classifies nothing: it is never shown val or test images.
+        self.val, self.test = (data.view("val"), data.view("test")) if method.classifies else (None, None)
+        self.best = Best()
+        if not method.classifies:
+            return
         task = task_of(len(data.classes), data.multilabel)
         available = metric_names(task, has_patients=data.patient_ids is not None)
         if self.select_metric not in available:
@@ -130,10 +137,6 @@ class Evaluator:
                 f"train.select_metric {self.select_metric!r} is not defined for this {task} task; "
                 f"valid: {', '.join(available)}"
             )
-        self.batch_size, self.device, self.autocast = batch_size, device, autocast
-        self.rank, self.world, self.channels_last, self.normalize = rank, world, channels_last, normalize
-        self.val, self.test = data.view("val"), data.view("test")
-        self.best = Best()
 
     def evaluate(self, view: ImageView, thresholds: np.ndarray | None = None, choose: bool = False) -> Scored:
         """Metrics of the method's current weights on `view`; `choose` picks multi-label thresholds on it."""

@@ -63,7 +63,7 @@ class TrainStreams:
                 )
             )
         if needs.unlabeled:
-            unlabeled = data.unlabeled_stream(needs.view_keys())
+            unlabeled = data.unlabeled_stream(needs.view_keys(), needs.labeled)
             size = cfg.batch_size * cfg.unlabeled_ratio
             self.loaders.append(
                 iter(step_loader(unlabeled, size, seed + 1, start_step, rank, world, cfg.loader_workers))
@@ -150,13 +150,14 @@ class _Run:
         self.device = device or resolve_device(cfg.device)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         needs = method.needs
-        pool = len(unlabeled_pool(data.rows)) if needs.unlabeled else 0
+        pool = len(unlabeled_pool(data.rows, needs.labeled)) if needs.unlabeled else 0
         if needs.unlabeled and not pool:
             raise SemimedError(
                 f"method {type(method).__name__} needs unlabeled images, but the split has none"
             )
         counts = data.labeled_class_counts()
-        method.setup(DataInfo(len(data.rows["labeled"]), pool, list(data.classes), data.multilabel, counts))
+        labeled = len(data.rows["labeled"])
+        method.setup(DataInfo(labeled, pool, list(data.classes), data.multilabel, counts, cfg.steps))
         state = resume_state(resume_from, self.run_dir, self.world, fingerprint)
         self.start_step = int(state["step"]) if state is not None else 0
         if state is not None:

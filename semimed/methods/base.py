@@ -34,7 +34,7 @@ class Needs:
 
     labeled: a labeled stream (batch keys `x`, `y`, `x_rows`, `x_index`), augmented as `train.augment` says (the
         matched control's weak augmentation by default). False for methods that never see a label
-        (self-supervised pretraining).
+        (self-supervised pretraining): their unlabeled stream is then every training image.
     unlabeled: the views of each unlabeled image, in order, e.g. ("weak", "strong") for FixMatch, ("weak",) for
         Pseudo-Label, ("strong", "strong") for SimCLR; () = no unlabeled stream. A view's batch key is `u_<kind>`,
         and `u_<kind>_2`, `u_<kind>_3`, … for repeats of one kind. Unlabeled batches also carry `u_rows`
@@ -89,6 +89,7 @@ class DataInfo:
     # Labeled images per class [K] (multi-label: known positives per finding); e.g. a prior for distribution
     # alignment or class-balanced thresholds.
     labeled_class_counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    steps: int = 0  # the run's step budget (schedules inside a method, e.g. BYOL's momentum)
 
 
 @dataclass
@@ -108,6 +109,9 @@ class Method(nn.Module):
 
     needs: Needs = Needs()
     supports_multilabel: bool = True
+    # False for self-supervised pretraining: nothing to evaluate on val/test (the engine never shows those images
+    # to it); what it produces is its backbone.
+    classifies: bool = True
 
     def __init__(self, model: nn.Module, num_classes: int, multilabel: bool) -> None:
         super().__init__()
@@ -116,10 +120,13 @@ class Method(nn.Module):
         self.model = model
         self.num_classes = num_classes
         self.multilabel = multilabel
+        self.class_names = [str(k) for k in range(num_classes)]  # until setup() gives the dataset's
 
     # --------------------------------------------------------------------------------------- what it computes
     def setup(self, info: DataInfo) -> None:
-        """Called once before training (and before a checkpoint is loaded): size per-sample state here."""
+        """Called once before training (and before a checkpoint is loaded): size per-sample state here.
+        Overrides call `super().setup(info)`, which keeps the class names (for per-class logs)."""
+        self.class_names = list(info.classes)
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         raise NotImplementedError

@@ -44,6 +44,26 @@ def sigmoid_rampup(step: int, length: int) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
+# ------------------------------------------------------------------------------------- self-supervised networks
+
+
+class Embedder(nn.Module):
+    """A classifier backbone's trunk, pooled, then a head (a projection MLP): x [B, C, H, W] -> [B, D].
+
+    One module, so that DDP wraps one forward; `backbone` stays the timm-style network a run exports.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        for name in ("forward_features", "forward_head", "num_features"):
+            if not hasattr(backbone, name):
+                raise SemimedError(f"backbone {type(backbone).__name__} lacks {name} (timm-style API)")
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True))
+
+
 # ------------------------------------------------------------------------------------------------ EMA teacher
 
 

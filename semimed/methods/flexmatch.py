@@ -59,13 +59,12 @@ class FlexMatch(FixMatch):
         if mapping not in MAPPINGS:
             raise SemimedError(f"flexmatch: mapping={mapping!r}; valid: {', '.join(MAPPINGS)}")
         self.mapping, self.threshold_warmup = mapping, bool(threshold_warmup)
-        self.class_names = [str(k) for k in range(num_classes)]
         self.register_buffer("selected", torch.zeros(0, dtype=torch.long))
 
     def setup(self, info: DataInfo) -> None:
+        super().setup(info)
         # Sized by the unlabeled pool; a persistent buffer, so a resumed run continues with the same state.
         self.register_buffer("selected", torch.full((info.num_unlabeled,), -1, dtype=torch.long))
-        self.class_names = list(info.classes)
 
     @torch.no_grad()
     def class_thresholds(self) -> torch.Tensor:
