@@ -54,6 +54,7 @@ the others run to the end; `run_sweep` lists the errored ones and raises only wh
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import re
@@ -125,8 +126,11 @@ class SearchSpace:
     def trials(self) -> list[dict[str, Any]]:
         return [cell for cell in self.cells for _ in range(self.num_samples)]
 
-    def trial_config(self, overrides: dict[str, Any]):
-        return config_from_dict(apply_overrides(self.base, overrides))
+    def trial_config(self, overrides: dict[str, Any], base: dict[str, Any] | None = None):
+        # Copies: a grid value that is a whole section must not be changed by a key set inside it afterwards.
+        return config_from_dict(
+            apply_overrides(self.base if base is None else base, copy.deepcopy(overrides))
+        )
 
     def sampled_space(self) -> dict[str, Any]:
         return {
@@ -170,9 +174,8 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None) -> S
             raise fail(f"sample.{key} must be one of {{{', '.join(DISTRIBUTIONS)}: [args]}}")
         if key in grid:
             raise fail(f"{key} is both a grid axis and sampled")
-    placed = _place_overrides(
-        base, grid, sample, dict(parse_override(item) for item in overrides or []), fail
-    )
+    given = dict(parse_override(item) for item in overrides or [])
+    placed = _place_overrides(base, grid, sample, given, fail)
     search = raw.get("search") or {}
     algorithm = search.get("algorithm", "random")
     if algorithm not in ALGORITHMS:
@@ -196,7 +199,7 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None) -> S
         description=str(raw.get("description", "")),
         override_notes=tuple(placed.notes),
     )
-    _check_cells(space, placed, fail)
+    _check_cells(space, placed, base, fail)
     return space
 
 
@@ -207,6 +210,7 @@ class _Placed:
 
     base: dict[str, Any]
     grid: dict[str, list[Any]]
+    given: list[str] = field(default_factory=list)  # `key=value`, as printed
     notes: list[str] = field(default_factory=list)
     inside: dict[str, list[str]] = field(default_factory=dict)
     pristine: dict[str, list[Any]] = field(default_factory=dict)
@@ -218,6 +222,7 @@ def _place_overrides(base, grid, sample, overrides: dict[str, Any], fail) -> _Pl
     grid = placed.grid
     for key, value in overrides.items():
         shown = f"override {key}={_short(value)}"
+        placed.given.append(f"{key}={_short(value)}")
         for sampled, spec in sample.items():
             if _nested(key, sampled):
                 kind, args = next(iter(spec.items()))
@@ -266,16 +271,17 @@ def _place_overrides(base, grid, sample, overrides: dict[str, Any], fail) -> _Pl
     return placed
 
 
-def _check_cells(space: SearchSpace, placed: _Placed, fail) -> None:
+def _check_cells(space: SearchSpace, placed: _Placed, base_before: dict[str, Any], fail) -> None:
     """Every cell must make a valid config. A cell that only an override set inside a whole-section grid value
-    made invalid is blamed on that override, naming the axis values it broke."""
+    made invalid is blamed on that override, naming the axis values it broke; one that is valid without the
+    overrides of the base (`base_before`) names those."""
     from semimed.experiment import check_config
 
     probe = {key: _example_value(spec) for key, spec in space.sample.items()}
 
-    def error(cell: dict[str, Any]) -> str | None:
+    def error(cell: dict[str, Any], base: dict[str, Any] | None = None) -> str | None:
         try:
-            check_config(space.trial_config({**cell, **probe}))
+            check_config(space.trial_config({**cell, **probe}, base))
         except SemimedError as exc:
             return str(exc)
         return None
@@ -288,13 +294,14 @@ def _check_cells(space: SearchSpace, placed: _Placed, fail) -> None:
         if message is None:
             continue
         before = {a: placed.pristine.get(a, space.grid[a])[i] for a, i in zip(axes, index, strict=True)}
-        if not placed.inside or error(before) is not None:
-            raise fail(message)  # invalid without the overrides too: a problem of the search space itself
         blamed = [a for a in placed.inside if error({**before, a: cell[a]}) is not None]
-        if not blamed:
-            raise fail(message)
-        for axis in blamed:
-            broken.setdefault(axis, {}).setdefault(_short(cell[axis]), message)
+        if blamed and error(before) is None:
+            for axis in blamed:
+                broken.setdefault(axis, {}).setdefault(_short(cell[axis]), message)
+            continue
+        if placed.given and error(before, base_before) is None:
+            raise fail(f"with override(s) {', '.join(placed.given)}, trial {trial_label(cell)}: {message}")
+        raise fail(message)  # invalid without the overrides too: a problem of the search space itself
     if broken:
         axis, values = next(iter(broken.items()))
         raise fail(

@@ -9,6 +9,7 @@ import torch
 
 from semimed.errors import SemimedError
 from semimed.methods import Batch, DataInfo, create_method
+from semimed.methods.common import pseudo_label_logs
 from semimed.models.backbones import create_backbone
 
 
@@ -47,8 +48,9 @@ def test_thresholds_and_mask_by_hand_with_warmup_and_the_convex_mapping() -> Non
     # σ = (2, 2, 0), 2 unused -> β = (1, 1, 0) -> thresholds (0.9, 0.9, 0)
     assert method.class_thresholds().tolist() == pytest.approx([0.9, 0.9, 0.0])
     assert targets.tolist() == [2, 1, 1] and mask.tolist() == [1.0, 0.0, 1.0]  # 0.85 < 0.9: image 5 unused
-    assert float(logs["mask_rate/b"]) == pytest.approx(0.5) and float(logs["mask_rate/c"]) == 1.0
-    assert np.isnan(float(logs["mask_rate/a"]))  # no image predicted as a in this batch
+    per_class = pseudo_label_logs(targets, mask, None, False, ["a", "b", "c"])
+    assert float(per_class["mask_rate/b"]) == pytest.approx(0.5) and float(per_class["mask_rate/c"]) == 1.0
+    assert np.isnan(float(per_class["mask_rate/a"]))  # no image predicted as a in this batch
 
 
 def test_without_warmup_and_with_the_linear_mapping() -> None:

@@ -261,3 +261,20 @@ def test_override_holding_a_grid_axis_replaces_the_axis_it_sets(tmp_path):
     assert space.override_notes[0].endswith(
         "replaces grid axis method.name [supervised, fixmatch] -> [fixmatch]"
     )
+
+
+def test_override_of_the_base_that_breaks_a_trial_names_the_override(tmp_path):
+    grid = {"method.name": ["supervised", "fixmatch"]}
+    path = write(tmp_path, {"name": "s", "base": BASE, "grid": grid})
+    assert load_search_space(
+        path, ["method.name=fixmatch", "method.params.threshold=0.5"]
+    ).override_notes == (
+        "override method.name=fixmatch replaces grid axis method.name [supervised, fixmatch] -> [fixmatch]",
+        "override method.params.threshold=0.5 sets the base config of every trial",
+    )
+    with pytest.raises(SemimedError) as info:
+        load_search_space(path, ["method.params.threshold=0.5"])
+    assert str(info.value) == (
+        f"{path}: with override(s) method.params.threshold=0.5, trial method=supervised: "
+        "unknown parameter(s) threshold for method 'supervised'; valid: none"
+    )

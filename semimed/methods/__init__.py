@@ -16,5 +16,6 @@ from semimed.methods import supervised  # noqa: E402,F401  isort: skip
 from semimed.methods import fixmatch, gan_ssl, mean_teacher, pseudo_label  # noqa: E402,F401  isort: skip
 from semimed.methods import finetune, flexmatch  # noqa: E402,F401  isort: skip
 from semimed.methods import byol, simclr  # noqa: E402,F401  isort: skip
+from semimed.methods import classical  # noqa: E402,F401  isort: skip
 
 __all__ = ["METHODS", "Batch", "DataInfo", "Method", "Needs", "StepOutput", "check_method", "create_method"]

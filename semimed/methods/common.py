@@ -168,12 +168,23 @@ def pseudo_label_loss(
 
 
 def pseudo_label_logs(
-    targets: torch.Tensor, mask: torch.Tensor, true: torch.Tensor | None, multilabel: bool
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    true: torch.Tensor | None,
+    multilabel: bool,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """mask_rate (share of unlabeled targets used) and pseudo_acc (accuracy of the used pseudo-labels against
     the hidden labels; multi-label: over used entries whose truth is known). pseudo_acc is NaN when no target
-    is used (0/0) — the engine's log average skips NaN. `true` is only ever read here, never trained on."""
-    logs = {"mask_rate": mask.detach().float().mean()}
+    is used (0/0) — the engine's log average skips NaN. `true` is only ever read here, never trained on.
+
+    With `class_names`, also per class: `mask_rate/<c>` and `pseudo_acc/<c>` over the images pseudo-labelled c
+    (multi-label: over finding c's entries) — where a fixed threshold mostly pseudo-labels the majority class,
+    these show it.
+    """
+    mask = mask.detach().float()
+    logs = {"mask_rate": mask.mean()}
+    correct = used = None
     if true is not None:
         if multilabel:
             used = mask * (~torch.isnan(true)).float()
@@ -182,7 +193,58 @@ def pseudo_label_logs(
             used = mask
             correct = (targets == true.long()).float()
         logs["pseudo_acc"] = ((correct * used).sum() / used.sum()).detach()
+    for k, name in enumerate(class_names or []):
+        # The entries of class k: its column (multi-label), or the images pseudo-labelled k (single-label).
+        member = torch.zeros_like(mask)
+        if multilabel:
+            member[:, k] = 1.0
+        else:
+            member = (targets == k).float()
+        logs[f"mask_rate/{name}"] = (mask * member).sum() / member.sum()
+        if correct is not None and used is not None:
+            logs[f"pseudo_acc/{name}"] = ((correct * used * member).sum() / (used * member).sum()).detach()
     return logs
+
+
+def make_alignment(
+    enabled: bool, num_classes: int, multilabel: bool, name: str
+) -> DistributionAlignment | None:
+    """The method's distribution alignment, or None; refused for multi-label targets (no class distribution)."""
+    if not enabled:
+        return None
+    if multilabel:
+        raise SemimedError(
+            f"{name}: distribution_alignment is for single-label targets (one class per image)"
+        )
+    return DistributionAlignment(num_classes)
+
+
+class DistributionAlignment(nn.Module):
+    """Distribution alignment (Berthelot et al. 2020, ReMixMatch): unlabeled predictions [N, K] are rescaled by
+    p_target / p_model and renormalized, where p_model is a running mean (momentum `momentum`) of the
+    predictions on unlabeled images and p_target the labeled class distribution (uniform until `setup` gives
+    the counts). On an imbalanced set the network's predictions lean to the majority class; alignment pulls
+    their average back to the labeled prior, so the minority class gets its share of pseudo-labels.
+    Single-label only. Both distributions are buffers (p_model is checkpointed, so resume is exact).
+    """
+
+    def __init__(self, num_classes: int, momentum: float = 0.999) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("p_target", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("p_model", torch.full((num_classes,), 1.0 / num_classes))
+
+    def set_target(self, class_counts: Sequence[float]) -> None:
+        counts = torch.as_tensor(list(class_counts), dtype=torch.float32)
+        if len(counts) == len(self.p_target) and float(counts.sum()) > 0:
+            self.p_target.copy_(counts / counts.sum())
+
+    @torch.no_grad()
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        """Update p_model with this batch's mean prediction, then align `probs` [N, K] (rows sum to 1)."""
+        self.p_model.mul_(self.momentum).add_(probs.float().mean(dim=0), alpha=1.0 - self.momentum)
+        aligned = probs.float() * (self.p_target / self.p_model.clamp(min=1e-6))
+        return aligned / aligned.sum(dim=1, keepdim=True)
 
 
 def register_thresholds(

@@ -11,9 +11,10 @@ from torch import nn
 
 from semimed.errors import SemimedError
 from semimed.losses import probabilities, supervised_loss
-from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
+from semimed.methods.base import METHODS, Batch, DataInfo, Method, Needs, StepOutput
 from semimed.methods.common import (
     confidence_targets,
+    make_alignment,
     pseudo_label_logs,
     pseudo_label_loss,
     register_thresholds,
@@ -37,8 +38,12 @@ class FixMatch(Method):
     1 − threshold), ignored in between; L_u = BCE of the strong view's logits over the confident entries,
     averaged over all μB·K entries.
 
+    `distribution_alignment=True` (single-label): the weak view's probabilities are first aligned to the
+    labeled class distribution (ReMixMatch; `common.DistributionAlignment`), for imbalanced sets.
+
     Shapes: batch.x [B, C, H, W]; batch.u_weak, batch.u_strong [μB, C, H, W]; logits [(1+2μ)B, K].
-    Logs: sup_loss, unsup_loss, mask_rate, pseudo_acc (vs the hidden labels; never trained on).
+    Logs: sup_loss, unsup_loss, mask_rate, pseudo_acc (vs the hidden labels; never trained on), and both per
+    class (`mask_rate/<class>`, `pseudo_acc/<class>`).
     """
 
     needs = Needs(unlabeled=("weak", "strong"))
@@ -51,12 +56,19 @@ class FixMatch(Method):
         threshold: float | Sequence[float] = 0.95,
         negative_threshold: float | Sequence[float] | None = None,
         lambda_u: float = 1.0,
+        distribution_alignment: bool = False,
     ) -> None:
         super().__init__(model, num_classes, multilabel)
         if lambda_u < 0:
             raise SemimedError(f"fixmatch: lambda_u={lambda_u} must be >= 0")
         register_thresholds(self, threshold, negative_threshold, num_classes, multilabel, "fixmatch")
         self.lambda_u = float(lambda_u)
+        self.align = make_alignment(distribution_alignment, num_classes, multilabel, "fixmatch")
+
+    def setup(self, info: DataInfo) -> None:
+        super().setup(info)
+        if self.align is not None:
+            self.align.set_target(info.labeled_class_counts)
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         n, m = len(batch.x), len(batch.u_weak)
@@ -70,7 +82,7 @@ class FixMatch(Method):
         logs = {
             "sup_loss": sup.detach(),
             "unsup_loss": unsup.detach(),
-            **pseudo_label_logs(targets, mask, batch.u_true, self.multilabel),
+            **pseudo_label_logs(targets, mask, batch.u_true, self.multilabel, self.class_names),
             **extra_logs,
         }
         return StepOutput(sup + self.lambda_u * unsup, logs)

@@ -39,8 +39,7 @@ class FlexMatch(FixMatch):
     unused. Under DDP the batch's (index, class) updates are gathered from every rank, so all ranks keep the
     same state. Single-label only.
 
-    Logs (besides FixMatch's): `threshold/<class>` T(c) and `mask_rate/<class>` (share of the batch's images
-    predicted as c that are used).
+    Logs (besides FixMatch's, which include mask_rate and pseudo_acc per class): `threshold/<class>` T(c).
     """
 
     supports_multilabel = False
@@ -54,8 +53,16 @@ class FlexMatch(FixMatch):
         lambda_u: float = 1.0,
         mapping: str = "convex",
         threshold_warmup: bool = True,
+        distribution_alignment: bool = False,
     ) -> None:
-        super().__init__(model, num_classes, multilabel, threshold=threshold, lambda_u=lambda_u)
+        super().__init__(
+            model,
+            num_classes,
+            multilabel,
+            threshold=threshold,
+            lambda_u=lambda_u,
+            distribution_alignment=distribution_alignment,
+        )
         if mapping not in MAPPINGS:
             raise SemimedError(f"flexmatch: mapping={mapping!r}; valid: {', '.join(MAPPINGS)}")
         self.mapping, self.threshold_warmup = mapping, bool(threshold_warmup)
@@ -97,12 +104,7 @@ class FlexMatch(FixMatch):
         thresholds = self.class_thresholds().to(probs.device)
         confidence, targets = probs.max(dim=1)
         mask = (confidence >= thresholds[targets]).float()
-        logs: dict[str, torch.Tensor] = {}
-        for k, name in enumerate(self.class_names):
-            logs[f"threshold/{name}"] = thresholds[k]
-            predicted_k = (targets == k).float()
-            # NaN when no image of the batch is predicted as k: the engine's log average skips it.
-            logs[f"mask_rate/{name}"] = (mask * predicted_k).sum() / predicted_k.sum()
+        logs = {f"threshold/{name}": thresholds[k] for k, name in enumerate(self.class_names)}
         return targets, mask, logs
 
 

@@ -11,10 +11,11 @@ from torch import nn
 
 from semimed.errors import SemimedError
 from semimed.losses import probabilities, supervised_loss
-from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
+from semimed.methods.base import METHODS, Batch, DataInfo, Method, Needs, StepOutput
 from semimed.methods.common import (
     confidence_targets,
     linear_rampup,
+    make_alignment,
     pseudo_label_logs,
     pseudo_label_loss,
     register_thresholds,
@@ -35,7 +36,10 @@ class PseudoLabel(Method):
     barely count.
 
     Shapes: batch.x [B, C, H, W], batch.y [B] or [B, K]; batch.u_weak [μB, C, H, W]; logits [(1+μ)B, K].
-    Logs: sup_loss, unsup_loss, mask_rate, pseudo_acc (vs the hidden labels; never trained on), unsup_weight.
+    `distribution_alignment=True` (single-label) aligns the probabilities to the labeled class distribution
+    first (ReMixMatch), as in FixMatch.
+    Logs: sup_loss, unsup_loss, mask_rate, pseudo_acc (vs the hidden labels; never trained on), unsup_weight,
+    and mask_rate / pseudo_acc per class.
     """
 
     needs = Needs(unlabeled=("weak",))
@@ -49,6 +53,7 @@ class PseudoLabel(Method):
         negative_threshold: float | Sequence[float] | None = None,
         lambda_u: float = 1.0,
         rampup_steps: int = 200,
+        distribution_alignment: bool = False,
     ) -> None:
         super().__init__(model, num_classes, multilabel)
         if lambda_u < 0 or rampup_steps < 0:
@@ -58,24 +63,28 @@ class PseudoLabel(Method):
         register_thresholds(self, threshold, negative_threshold, num_classes, multilabel, "pseudo_label")
         self.lambda_u = float(lambda_u)
         self.rampup_steps = int(rampup_steps)
+        self.align = make_alignment(distribution_alignment, num_classes, multilabel, "pseudo_label")
+
+    def setup(self, info: DataInfo) -> None:
+        super().setup(info)
+        if self.align is not None:
+            self.align.set_target(info.labeled_class_counts)
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         n = len(batch.x)
         logits = self.model(torch.cat([batch.x, batch.u_weak]))
         logits_x, logits_u = logits[:n], logits[n:]
         sup = supervised_loss(logits_x, batch.y, self.multilabel)
-        targets, mask = confidence_targets(
-            probabilities(logits_u.detach(), self.multilabel),
-            self.multilabel,
-            self.threshold,
-            self.negative_threshold,
-        )
+        probs = probabilities(logits_u.detach(), self.multilabel)
+        if self.align is not None:
+            probs = self.align(probs)
+        targets, mask = confidence_targets(probs, self.multilabel, self.threshold, self.negative_threshold)
         unsup = pseudo_label_loss(logits_u, targets, mask, self.multilabel)
         weight = self.lambda_u * linear_rampup(step, self.rampup_steps)
         logs = {
             "sup_loss": sup.detach(),
             "unsup_loss": unsup.detach(),
             "unsup_weight": weight,
-            **pseudo_label_logs(targets, mask, batch.u_true, self.multilabel),
+            **pseudo_label_logs(targets, mask, batch.u_true, self.multilabel, self.class_names),
         }
         return StepOutput(sup + weight * unsup, logs)
