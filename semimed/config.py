@@ -29,6 +29,7 @@ OPERATIONAL_KEYS = (
     "train.device",
     "train.loader_workers",
     "train.checkpoint_every",
+    "train.compile",  # the same computation, compiled (float rounding may differ in the last bits)
     "scaling",
 )
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
@@ -75,6 +76,10 @@ class DataConfig:
     val_policy: str = choices("full", "fraction", "none", default="full")  # docs/study-protocol.md rule 7
     split_file: str = ""  # use a saved split JSON instead of drawing one
     cache_dir: str = ""  # decode-once cache; "" = ~/.cache/semimed
+    # Where the training views are built: cpu = per image in the data loader; cuda = per batch on the training
+    # device (per-sample parameters, RandAugment magnitudes sampled per call; on a CPU-only run the same batched
+    # code runs on the CPU). A result key: the two draw different augmentations (semimed/data/augment.py).
+    augment_device: str = choices("cpu", "cuda", default="cpu")
 
     def __post_init__(self) -> None:
         _check_choices(self, "data")
@@ -169,6 +174,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # The labeled view: weak (the matched-control default) or none (the MedMNIST v2 protocol).
     augment: str = choices("weak", "none", default="weak")
+    # torch.compile the trained networks (after a resume's state is loaded). Pays on a GPU for large networks;
+    # on CPU the compile costs more than it saves for small ones (docs/benchmarks.md).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_choices(self, "train")
@@ -301,8 +309,15 @@ def is_operational(dotted: str) -> bool:
 
 
 def result_keys(values: dict[str, Any]) -> dict[str, Any]:
-    """The flattened config without its operational keys: what determines a run's result."""
-    return {k: v for k, v in sorted(flatten(values).items()) if not is_operational(k)}
+    """The flattened config without its operational keys: what determines a run's result. Without a
+    pretraining method, the pretraining recipe's other keys determine nothing and are left out too."""
+    flat = flatten(values)
+    idle_pretrain = not flat.get("pretrain.method")
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if not is_operational(k) and not (idle_pretrain and k.startswith("pretrain."))
+    }
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -18,7 +18,7 @@ import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, roc_auc_score
 
 from semimed.cli import main
-from semimed.config import Config, DataConfig, MethodConfig, ModelConfig
+from semimed.config import Config, DataConfig, MethodConfig, ModelConfig, PretrainConfig
 from semimed.errors import SemimedError
 from semimed.metrics import multilabel_metrics, single_label_metrics
 from semimed.report import write_report
@@ -57,6 +57,7 @@ def write_trial(
     noise: int = 0,
     data: dict | None = None,
     model: dict | None = None,
+    pretrain: dict | None = None,
     predictions: bool = True,
     checkpoint: tuple[str, int] = ("selected", 300),
     n_patients: int = 30,
@@ -69,6 +70,7 @@ def write_trial(
         data=DataConfig(fraction=fraction, **data),
         method=MethodConfig(name=method, params=params or {}),
         model=ModelConfig(**(model or {})),
+        pretrain=PretrainConfig(**(pretrain or {})),
     )
     run = root / "runs" / name
     cfg.save(run / "config.yaml")
@@ -174,6 +176,18 @@ def test_arm_labels_and_matched_controls(tmp_path):
     assert set(rows(summary, arm="fixmatch(backbone=resnet18)", metric="roc_auc-vs-control")["verdict"]) == {
         "no matched control"
     }
+
+
+def test_self_supervised_pretraining_arms_are_compared_with_the_plain_control(tmp_path):
+    from semimed.report import collect_trials, group_studies
+
+    write_trial(tmp_path, "sup", seed=0)
+    write_trial(tmp_path, "sup_simclr", seed=0, pretrain={"method": "simclr", "steps": 300})
+    write_trial(tmp_path, "flex", method="flexmatch", seed=0)
+    write_trial(tmp_path, "flex_simclr", method="flexmatch", seed=0, pretrain={"method": "simclr", "steps": 300})
+    (study,), _ = group_studies(collect_trials(tmp_path).trials)
+    assert sorted(study.arms) == ["flexmatch", "flexmatch+simclr", "supervised", "supervised+simclr"]
+    assert study.control == {a: "supervised" for a in ("flexmatch", "flexmatch+simclr", "supervised+simclr")}
 
 
 # ---------------------------------------------------------------------------------------------------------

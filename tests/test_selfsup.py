@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from semimed.config import TrainConfig, load_config
+from semimed.data.augment import Normalizer, build_transform
 from semimed.data.views import RunData, StreamView
 from semimed.engine import fit
 from semimed.errors import SemimedError
@@ -68,16 +69,31 @@ def test_pretraining_reads_no_label_and_no_val_or_test_image(name: str, monkeypa
     assert set(seen) <= set(range(40)) and set(seen) & set(range(6))  # training images only, labeled ones too
 
 
-def test_simclr_loss_falls_and_views_agree() -> None:
-    method = _method("simclr")
-    reports: list[dict] = []
-    cfg = TrainConfig(steps=60, batch_size=16, lr=3e-3, eval_every=15, checkpoint_every=100, device="cpu")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_simclr_loss_falls_on_held_out_view_pairs(seed: int) -> None:
+    """NT-Xent on fixed strong-view pairs of 40 images (chance: log(2·40 − 1) = 4.37) before and after 80 steps;
+    the training batches' own loss is too noisy at batch 16 to show it."""
+    data = _data(np.arange(60) % 2)
+    strong, normalize = build_transform("strong", 16), Normalizer(3)
+    images = torch.from_numpy(data.pixels[:40].copy())
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        fit(method, _data(np.arange(60) % 2), cfg, report=lambda m, c: reports.append(m), show_progress=False)
-    losses = [m["train/ssl_loss"] for m in reports]
-    assert losses[-1] < losses[0] - 0.1, losses
-    assert reports[-1]["train/positive_similarity"] > reports[0]["train/positive_similarity"]
+        torch.manual_seed(5)
+        pairs = [normalize(torch.stack([strong(image) for image in images])) for _ in range(2)]
+
+    def held_out_loss(method) -> float:
+        method.eval()
+        with torch.no_grad():
+            z = method.model(torch.cat(pairs))
+        return float(method.criterion(z[:40], z[40:]))
+
+    method = _method("simclr", seed)
+    before = held_out_loss(method)
+    cfg = TrainConfig(steps=80, batch_size=16, lr=3e-3, eval_every=80, checkpoint_every=100, device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fit(method, data, cfg, show_progress=False)
+    assert before == pytest.approx(np.log(79), abs=0.1)  # an untrained embedding is near chance
+    assert held_out_loss(method) < before - 0.1  # measured 0.14-0.25 lower over seeds 0-2
 
 
 def test_byol_target_is_the_scheduled_average_by_hand() -> None:

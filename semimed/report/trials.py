@@ -8,7 +8,8 @@ What is averaged with what (the flattened result keys of each trial's config, se
   except `seed`; a *cell* is an arm at one label fraction, its trials are its seeds. Arms are never merged: an
   arm's label is its method plus the keys that vary between the study's arms (`fixmatch(threshold=0.9)`).
 - The *matched control* of an arm is the plain `supervised` arm (no method params, no pretraining) whose result
-  keys equal the arm's except the method-side ones (`method.*`, `model.pretrained*`, `train.unlabeled_ratio`).
+  keys equal the arm's except the method-side ones (`method.*`, `pretrain.*`, `model.pretrained*`,
+  `train.unlabeled_ratio`).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def group_keys(trial: Trial, data: bool) -> dict[str, str]:
 
 
 def _method_side(key: str) -> bool:
-    return key.startswith("method.") or key in METHOD_SIDE
+    return key.startswith(("method.", "pretrain.")) or key in METHOD_SIDE
 
 
 def _varying(dicts: list[dict[str, str]]) -> list[str]:
@@ -146,13 +147,14 @@ def _arm_labels(arms: list[dict[str, str]]) -> list[str]:
     short = {k: s if list(short.values()).count(s) == 1 else k for k, s in short.items()}
 
     def label(arm: dict[str, str], everything: bool) -> str:
-        name = json.loads(arm.get("method.name", '"?"')) + ("" if _plain(arm) else "+pretrained")
+        name = json.loads(arm.get("method.name", '"?"')) + _start_label(arm)
         same = [a for a in arms if a.get("method.name") == arm.get("method.name")]
         shown = [
             f"{k if everything else short[k]}={show(arm[k])}"
             for k in varying
-            if k in arm and arm[k] != "{}" and k not in ("method.name", "model.pretrained")
-            if everything or not _method_side(k) or len({a.get(k) for a in same}) > 1
+            if k in arm and arm[k] != "{}" and k not in ("method.name", "model.pretrained", "pretrain.method")
+            # A method-side key shows where it varies among the arms of this method that set it.
+            if everything or not _method_side(k) or len({a[k] for a in same if k in a}) > 1
         ]
         return name + (f"({', '.join(shown)})" if shown else "")
 
@@ -161,10 +163,20 @@ def _arm_labels(arms: list[dict[str, str]]) -> list[str]:
 
 
 def _plain(arm: dict[str, str]) -> bool:
+    """Trained from random weights: no timm weights, no checkpoint, no self-supervised pretraining."""
     return (
         arm.get("model.pretrained", "false") == "false"
         and arm.get("model.pretrained_checkpoint", '""') == '""'
+        and arm.get("pretrain.method", '""') == '""'
     )
+
+
+def _start_label(arm: dict[str, str]) -> str:
+    """'' from random weights, '+simclr' after self-supervised pretraining, '+pretrained' from given weights."""
+    pretrain = json.loads(arm.get("pretrain.method", '""'))
+    if pretrain:
+        return f"+{pretrain}"
+    return "" if _plain(arm) else "+pretrained"
 
 
 def is_control(arm: dict[str, str]) -> bool:
