@@ -8,13 +8,13 @@ import copy
 import torch
 from torch import nn
 
-from semimed.methods.base import METHODS, Batch, DataInfo, Method, Needs, StepOutput
-from semimed.methods.common import Embedder
+from semimed.methods.base import METHODS, Batch, DataInfo, StepOutput
+from semimed.methods.common import Embedder, SelfSupervised
 from semimed.models.parts import unwrap_model as unwrap
 
 
 @METHODS.register("byol")
-class BYOL(Method):
+class BYOL(SelfSupervised):
     """loss = ½ [d(q(u_strong), z'(u_strong_2)) + d(q(u_strong_2), z'(u_strong))], d = negative cosine
     similarity (lightly's `NegativeCosineSimilarity`), q = predictor(projector(trunk)) of the online network,
     z' = projector(trunk) of the target network (no gradient).
@@ -25,9 +25,6 @@ class BYOL(Method):
     keeps the statistics of its own forward passes (it runs in train mode, like the online network).
     Reads no label and no val/test image. Shapes: views [N, C, H, W]; projections [N, projection_dim].
     """
-
-    needs = Needs(labeled=False, unlabeled=("strong", "strong"))
-    classifies = False
 
     def __init__(
         self,
@@ -77,9 +74,6 @@ class BYOL(Method):
         m = self.momentum_at(step)
         update_momentum(online.backbone, self.target.backbone, m)
         update_momentum(online.head[0], self.target.head, m)
-
-    def backbone(self) -> nn.Module:
-        return unwrap(self.model).backbone
 
     def networks(self):
         yield self.model

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from semimed.errors import SemimedError
+from semimed.methods.base import Method, Needs
+from semimed.models.parts import unwrap_model as unwrap
 
 # ---------------------------------------------------------------------------------------------------- ramp-ups
 
@@ -45,6 +47,18 @@ def sigmoid_rampup(step: int, length: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- self-supervised networks
+
+
+class SelfSupervised(Method):
+    """Base of the self-supervised pretraining methods: two strong views of every training image, no label, no
+    val/test image, nothing to classify; the trained network (`self.model`) is an `Embedder` whose backbone is
+    what the run exports."""
+
+    needs = Needs(labeled=False, unlabeled=("strong", "strong"))
+    classifies = False
+
+    def backbone(self) -> nn.Module:
+        return unwrap(self.model).backbone
 
 
 class Embedder(nn.Module):
@@ -206,17 +220,28 @@ def pseudo_label_logs(
     return logs
 
 
-def make_alignment(
-    enabled: bool, num_classes: int, multilabel: bool, name: str
-) -> DistributionAlignment | None:
-    """The method's distribution alignment, or None; refused for multi-label targets (no class distribution)."""
-    if not enabled:
-        return None
-    if multilabel:
-        raise SemimedError(
-            f"{name}: distribution_alignment is for single-label targets (one class per image)"
-        )
-    return DistributionAlignment(num_classes)
+class AlignsDistribution:
+    """For a method with a `distribution_alignment` option (Pseudo-Label, FixMatch, FlexMatch): call
+    `init_alignment` in __init__ and pass the unlabeled probabilities through `aligned`; the labeled class
+    prior reaches the alignment in `setup`. Listed before `Method` among the bases."""
+
+    align: DistributionAlignment | None
+
+    def init_alignment(self, enabled: bool, num_classes: int, multilabel: bool, name: str) -> None:
+        if enabled and multilabel:
+            raise SemimedError(
+                f"{name}: distribution_alignment is for single-label targets (one class per image)"
+            )
+        self.align = DistributionAlignment(num_classes) if enabled else None
+
+    def setup(self, info) -> None:  # type: ignore[no-untyped-def]
+        super().setup(info)  # type: ignore[misc]
+        if self.align is not None:
+            self.align.set_target(info.labeled_class_counts)
+
+    def aligned(self, probs: torch.Tensor) -> torch.Tensor:
+        """`probs` [N, K] aligned to the labeled prior (updating the running model distribution), or as is."""
+        return self.align(probs) if self.align is not None else probs
 
 
 class DistributionAlignment(nn.Module):

@@ -11,10 +11,10 @@ from torch import nn
 
 from semimed.errors import SemimedError
 from semimed.losses import probabilities, supervised_loss
-from semimed.methods.base import METHODS, Batch, DataInfo, Method, Needs, StepOutput
+from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
 from semimed.methods.common import (
+    AlignsDistribution,
     confidence_targets,
-    make_alignment,
     pseudo_label_logs,
     pseudo_label_loss,
     register_thresholds,
@@ -22,7 +22,7 @@ from semimed.methods.common import (
 
 
 @METHODS.register("fixmatch")
-class FixMatch(Method):
+class FixMatch(AlignsDistribution, Method):
     """loss = L_sup(x, y) + λ_u · L_u, one forward over [x; u_weak; u_strong] (the paper's shared BatchNorm
     batch; the weak half's prediction is detached and only makes targets).
 
@@ -63,21 +63,15 @@ class FixMatch(Method):
             raise SemimedError(f"fixmatch: lambda_u={lambda_u} must be >= 0")
         register_thresholds(self, threshold, negative_threshold, num_classes, multilabel, "fixmatch")
         self.lambda_u = float(lambda_u)
-        self.align = make_alignment(distribution_alignment, num_classes, multilabel, "fixmatch")
-
-    def setup(self, info: DataInfo) -> None:
-        super().setup(info)
-        if self.align is not None:
-            self.align.set_target(info.labeled_class_counts)
+        self.init_alignment(distribution_alignment, num_classes, multilabel, "fixmatch")
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         n, m = len(batch.x), len(batch.u_weak)
         logits = self.model(torch.cat([batch.x, batch.u_weak, batch.u_strong]))
         logits_x, logits_weak, logits_strong = logits[:n], logits[n : n + m], logits[n + m :]
         sup = supervised_loss(logits_x, batch.y, self.multilabel)
-        targets, mask, extra_logs = self.pseudo_targets(
-            probabilities(logits_weak.detach(), self.multilabel), batch
-        )
+        probs = self.aligned(probabilities(logits_weak.detach(), self.multilabel))
+        targets, mask, extra_logs = self.pseudo_targets(probs, batch)
         unsup = pseudo_label_loss(logits_strong, targets, mask, self.multilabel)
         logs = {
             "sup_loss": sup.detach(),

@@ -11,11 +11,11 @@ from torch import nn
 
 from semimed.errors import SemimedError
 from semimed.losses import probabilities, supervised_loss
-from semimed.methods.base import METHODS, Batch, DataInfo, Method, Needs, StepOutput
+from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
 from semimed.methods.common import (
+    AlignsDistribution,
     confidence_targets,
     linear_rampup,
-    make_alignment,
     pseudo_label_logs,
     pseudo_label_loss,
     register_thresholds,
@@ -23,7 +23,7 @@ from semimed.methods.common import (
 
 
 @METHODS.register("pseudo_label")
-class PseudoLabel(Method):
+class PseudoLabel(AlignsDistribution, Method):
     """loss = L_sup(x, y) + λ_u · ramp(step) · L_pl(u), one forward over [x; u_weak] (shared BatchNorm batch).
 
     Single-label: the pseudo-label of u is argmax_k p_k(u) of the current (detached) prediction, kept where
@@ -63,21 +63,14 @@ class PseudoLabel(Method):
         register_thresholds(self, threshold, negative_threshold, num_classes, multilabel, "pseudo_label")
         self.lambda_u = float(lambda_u)
         self.rampup_steps = int(rampup_steps)
-        self.align = make_alignment(distribution_alignment, num_classes, multilabel, "pseudo_label")
-
-    def setup(self, info: DataInfo) -> None:
-        super().setup(info)
-        if self.align is not None:
-            self.align.set_target(info.labeled_class_counts)
+        self.init_alignment(distribution_alignment, num_classes, multilabel, "pseudo_label")
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         n = len(batch.x)
         logits = self.model(torch.cat([batch.x, batch.u_weak]))
         logits_x, logits_u = logits[:n], logits[n:]
         sup = supervised_loss(logits_x, batch.y, self.multilabel)
-        probs = probabilities(logits_u.detach(), self.multilabel)
-        if self.align is not None:
-            probs = self.align(probs)
+        probs = self.aligned(probabilities(logits_u.detach(), self.multilabel))
         targets, mask = confidence_targets(probs, self.multilabel, self.threshold, self.negative_threshold)
         unsup = pseudo_label_loss(logits_u, targets, mask, self.multilabel)
         weight = self.lambda_u * linear_rampup(step, self.rampup_steps)

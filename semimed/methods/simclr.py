@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
-from semimed.methods.common import Embedder
-from semimed.models.parts import unwrap_model as unwrap
+from semimed.methods.base import METHODS, Batch, StepOutput
+from semimed.methods.common import Embedder, SelfSupervised
 
 
 @METHODS.register("simclr")
-class SimCLR(Method):
+class SimCLR(SelfSupervised):
     """loss = NT-Xent(z(u_strong), z(u_strong_2)): each image's two strong views are a positive pair, the other
     2(N − 1) views of the batch its negatives; z = projection MLP on the pooled trunk features (lightly's
     `SimCLRProjectionHead` and `NTXentLoss`, temperature τ).
@@ -25,9 +24,6 @@ class SimCLR(Method):
     positive pairs (it rises as the views' embeddings agree).
     Shapes: batch.u_strong, batch.u_strong_2 [N, C, H, W]; z [2N, projection_dim].
     """
-
-    needs = Needs(labeled=False, unlabeled=("strong", "strong"))
-    classifies = False
 
     def __init__(
         self,
@@ -60,6 +56,3 @@ class SimCLR(Method):
         super().wrap_models(wrap)
         # Under DDP the negatives are every rank's views (SimCLR's large effective batch).
         self.criterion = NTXentLoss(temperature=self.temperature, gather_distributed=True)
-
-    def backbone(self) -> nn.Module:
-        return unwrap(self.model).backbone
