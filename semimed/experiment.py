@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from semimed.classical.fit import fit_closed_form, is_closed_form
 from semimed.config import Config
 from semimed.data import load_dataset
 from semimed.data.augment import Normalizer
@@ -74,7 +75,9 @@ def _check_pretrain(cfg: Config) -> None:
             f"unknown pretrain.method {name!r}; valid (methods that read no labels): {', '.join(valid)}"
         )
     check_method(name, cfg.pretrain.params)
-    if not METHODS.get(cfg.method.name).classifies:
+    if not METHODS.get(cfg.method.name).classifies or getattr(
+        METHODS.get(cfg.method.name), "closed_form", False
+    ):
         raise SemimedError(
             f"pretrain.method is for a run that fine-tunes a classifier, not for {cfg.method.name!r}"
         )
@@ -119,17 +122,23 @@ def build_run(cfg: Config, show_progress: bool = True) -> tuple[Method, RunData,
     bad = sorted(set(decoded.bad_rows) & set(used.tolist()))
     if bad:
         raise SemimedError(decoded.bad_rows_message(bad))
+    # A closed-form method (semimed/classical: hand-crafted features + scikit-learn) has no network.
+    closed_form = is_closed_form(cfg.method.name)
     start_from = cfg.model.pretrained_checkpoint
-    if cfg.pretrain.method:  # self-supervised pretraining on this split's training images, cached per seed
+    if cfg.pretrain.method and not closed_form:  # self-supervised pretraining on this split, cached per seed
         start_from = str(pretrained_backbone(cfg, dataset, show_progress=show_progress))
-    model = create_backbone(
-        cfg.model.backbone,
-        dataset.num_classes,
-        dataset.channels,
-        cfg.model.pretrained,
-        start_from,
-        cfg.model.drop_rate,
-        cfg.data.image_size,
+    model = (
+        None
+        if closed_form
+        else create_backbone(
+            cfg.model.backbone,
+            dataset.num_classes,
+            dataset.channels,
+            cfg.model.pretrained,
+            start_from,
+            cfg.model.drop_rate,
+            cfg.data.image_size,
+        )
     )
     mean, std = _normalization_stats(model, cfg)
     method = create_method(
@@ -209,7 +218,9 @@ def run_training(
                 cfg.save(run_dir / "config.yaml")
                 split.save(run_dir / "split.json")
                 atomic_write_text(run_dir / "env.json", json.dumps(environment(), indent=1))
-            final = fit(
+            # The one seam for closed-form methods: fit once and evaluate, no step loop (semimed/classical/fit.py).
+            closed_form = is_closed_form(cfg.method.name)
+            final = (fit_closed_form if closed_form else fit)(
                 method,
                 data,
                 cfg.train,
@@ -222,7 +233,8 @@ def run_training(
                 fingerprint=identity.fingerprint,
             )
             if write_files:
-                export_backbone(method, data, cfg, run_dir, final)
+                if not closed_form:  # nothing to export: no network (see semimed/classical/fit.py)
+                    export_backbone(method, data, cfg, run_dir, final)
                 atomic_write_text(
                     run_dir / "metrics.json", json.dumps(_jsonable(final), indent=1, sort_keys=True)
                 )

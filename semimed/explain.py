@@ -163,6 +163,10 @@ def explain_run(
         raise SemimedError(f"{run_dir}: not a semimed run directory (no config.yaml)")
     if not images:
         raise SemimedError("explain: no images given (--images PATH ...)")
+    from semimed.classical.fit import refuse_closed_form_run
+    from semimed.methods import METHODS
+
+    refuse_closed_form_run(run_dir, "explain")
     exported = run_dir / BACKBONE_FILE
     if not exported.is_file():
         raise SemimedError(
@@ -170,8 +174,6 @@ def explain_run(
             "metrics were reported for, which a run exports when it ends"
         )
     cfg = load_config(run_dir / "config.yaml")
-    from semimed.methods import METHODS
-
     if cfg.method.name in METHODS and not METHODS.get(cfg.method.name).classifies:
         raise SemimedError(
             f"{run_dir}: a {cfg.method.name} run pretrains a backbone without labels, so it has no classifier to "

@@ -261,7 +261,9 @@ def test_the_export_is_the_reported_network_not_the_last_step(finished) -> None:
     assert read_backbone_metadata(folder / "backbone.safetensors")["step"] == "4"
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize(
+    "name", [n for n in METHODS.names() if not getattr(METHODS.get(n), "closed_form", False)]
+)
 def test_every_method_exports_transfers_and_explains(name: str, demo_roots, tmp_path: Path) -> None:
     """Train 2 steps, then: the export reproduces the reported test scores, another run starts from it, and
     `semimed explain` opens it (GAN-SSL's export failed both before)."""

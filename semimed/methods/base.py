@@ -195,6 +195,9 @@ def check_method(name: str, params: dict[str, Any]) -> None:
         raise SemimedError(
             f"unknown parameter(s) {', '.join(unknown)} for method {name!r}; valid: {', '.join(accepted) or 'none'}"
         )
+    check = getattr(METHODS.get(name), "check_params", None)  # a method's own value checks, before any data
+    if check is not None:
+        check(params)
 
 
 def create_method(name: str, model: nn.Module, num_classes: int, multilabel: bool, **params: Any) -> Method:

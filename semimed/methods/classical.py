@@ -26,9 +26,7 @@ from semimed.classical.features import FEATURE_SETS
 from semimed.errors import SemimedError
 from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
 
-NO_NETWORK = (
-    "method classical (hand-crafted features + scikit-learn) fits in closed form and has no network"
-)
+NO_NETWORK = "method classical (hand-crafted features + scikit-learn) fits in closed form and has no network"
 
 
 @METHODS.register("classical")
@@ -58,7 +56,9 @@ class Classical(Method):
     ) -> None:
         super().__init__(None, num_classes, multilabel)
         if features not in FEATURE_SETS:
-            raise SemimedError(f"unknown method.params.features {features!r}; valid: {', '.join(FEATURE_SETS)}")
+            raise SemimedError(
+                f"unknown method.params.features {features!r}; valid: {', '.join(FEATURE_SETS)}"
+            )
         given = {
             "C": C,
             "gamma": gamma,
@@ -75,13 +75,20 @@ class Classical(Method):
         self.params = resolve_params(classifier, given)
         self.fit_logs: dict[str, float] = {}
 
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """What `check_method` can call at config load, before any data (cheap: no features, no fit)."""
+        cls(None, 2, False, **params)
+
     @property
     def needs(self) -> Needs:  # type: ignore[override]
         # What the data side would build; fit_closed_form reads the pools directly (pixels, not batches).
         return Needs(unlabeled=("none",)) if self.classifier in SEMI_SUPERVISED else Needs()
 
     def evaluated_model(self) -> str:
-        shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items())
+        shown = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items()
+        )
         return f"{self.features} features + {self.classifier}({shown})"
 
     def fit_predict(self, data, seed: int, workers: int = 1) -> dict[str, np.ndarray]:
@@ -109,6 +116,8 @@ class Classical(Method):
             "num_features": float(table.shape[1]),
             "labeled": float(len(parts["labeled"])),
             "unlabeled_used": float(len(unlabeled)),
+            # val + test images label_spreading's graph connects to no labeled image (scored by the prior)
+            "unreached": float(model.unreached),
         }
         return scores
 

@@ -151,6 +151,9 @@ def _is_channel_change(saved: torch.Tensor, target: torch.Tensor) -> bool:
 def _resolve_checkpoint(path: Path) -> tuple[Path, str]:
     """(file, kind) for a run directory, a checkpoint folder or a file; kind is 'safetensors' or 'torch'."""
     if path.is_dir():
+        from semimed.classical.fit import refuse_closed_form_run  # here: the classical package imports models
+
+        refuse_closed_form_run(path, "model.pretrained_checkpoint")
         candidates = [path / BACKBONE_FILE, path / "state.pt"]
         steps = sorted((path / "checkpoints").glob("step_*/state.pt"))
         candidates += steps[-1:]
