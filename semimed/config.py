@@ -150,7 +150,7 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 500  # the budget is in optimizer steps, not epochs (STUDY_PROTOCOL.md rule 5)
+    steps: int = 500  # the budget is in optimizer steps, not epochs (docs/study-protocol.md rule 5)
     batch_size: int = 32  # labeled images per step (global, across workers)
     unlabeled_ratio: int = 1  # mu: unlabeled images per labeled image, for SSL methods
     optimizer: str = choices("adam", "adamw", "sgd", default="adamw")

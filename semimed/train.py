@@ -1,8 +1,9 @@
 """Ray Train adapter: the per-worker function and the TorchTrainer around `experiment.run_training`.
 
-Only this module and tune.py import Ray. The worker resolves its device and rank from Ray, resumes from
+Only this module and semimed/tune/ import Ray. The worker resolves its device and rank from Ray, resumes from
 `ray.train.get_checkpoint()` when Ray restarts it, and forwards the engine's reports (metrics + checkpoint
-directory) to `ray.train.report`.
+directory) to `ray.train.report`. Rank 0 writes the run folder: in place on a filesystem path, or staged locally
+and mirrored to an object-storage URI at each checkpoint and at the end (`semimed.storage.staged_folder`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,13 @@ import ray.train
 import ray.train.torch
 import torch
 
+from semimed import storage
 from semimed.config import Config, config_from_dict
 from semimed.experiment import prepare_run_dir, run_training
 from semimed.metrics import metric_names
-from semimed.runs import default_run_name
+from semimed.runs import RUN_FILE, default_run_name
+
+_LOCAL_RAY = False  # whether init_ray started this process's Ray itself (a private local Ray)
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -32,28 +37,81 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         # Ray sets OMP_NUM_THREADS from the worker's CPU share; make torch follow it (it reads it only at import).
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    quiet_ray_report_log()
+    target = config["run_dir"]
+    with _worker_folder(target, rank) as folder:
+        # Which process trains which rank: for operators (and the fault-tolerance tests, which kill one).
+        pid_file = folder.path / "workers" / f"rank{rank}.pid"
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(str(os.getpid()))
+        if rank > 0 and storage.is_uri(target):  # ranks > 0 write nothing else; their pid goes up directly
+            storage.write_bytes(storage.join(target, "workers", pid_file.name), pid_file.read_bytes())
+        report = Reporter(ray.train.report, ray.train.Checkpoint, folder.sync if rank == 0 else None)
+        checkpoint = ray.train.get_checkpoint()
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_dir:
+            run_training(
+                cfg,
+                folder.path,
+                report=report,
+                resume_from=resume_dir,
+                device=device,
+                write_files=rank == 0,
+                show_progress=config.get("show_progress", True),
+            )
+            if rank == 0:
+                folder.sync()
+            report.send_final()  # every rank: ray.train.report is a barrier
 
-    _quiet_report_log()
 
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(summary_metrics(metrics), checkpoint=checkpoint)
+@contextlib.contextmanager
+def _worker_folder(target: str, rank: int):
+    """Rank 0 writes the run folder (staged for a URI); other ranks write only their pid file, into the shared
+    folder or, for a URI, a private temporary one."""
+    if rank == 0 or not storage.is_uri(target):
+        with storage.staged_folder(target) as folder:
+            yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="semimed-rank-") as scratch:
+        yield storage.Folder(Path(scratch))
 
-    # Which process trains which rank: for operators (and the fault-tolerance test, which kills one).
-    pid_dir = Path(config["run_dir"]) / "workers"
-    pid_dir.mkdir(parents=True, exist_ok=True)
-    (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_dir:
-        run_training(
-            cfg,
-            config["run_dir"],
-            report=report,
-            resume_from=resume_dir,
-            device=device,
-            write_files=rank == 0,
-            show_progress=config.get("show_progress", True),
-        )
+
+class Reporter:
+    """The engine's `report(metrics, checkpoint_dir)` for Ray (Train's or Tune's `report`), with two rules:
+
+    - every result carries the latest `val/*` values (a checkpoint step without an evaluation repeats them):
+      a searcher or scheduler with a `search.metric` reads it from every result, and Tune stops a trial whose
+      result lacks it;
+    - the run folder is synced to storage before a checkpoint is reported (`sync`), and the final result is held
+      back until the caller has written metrics.json and the backbone (`send_final`): Tune may stop a trial at
+      any result it receives (ASHA does at its last rung), and a stopped trial writes nothing more.
+    """
+
+    def __init__(self, report, checkpoint_cls, sync=None) -> None:
+        self._report = report
+        self._checkpoint_cls = checkpoint_cls
+        self._sync = sync
+        self._last_val: dict[str, Any] = {}
+        self._final: tuple[dict[str, Any], str | None] | None = None
+
+    def __call__(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        metrics = summary_metrics(metrics)
+        self._last_val.update({k: v for k, v in metrics.items() if k.startswith("val/")})
+        metrics = {**self._last_val, **metrics}
+        if metrics.get("final"):
+            self._final = (metrics, checkpoint_dir)
+            return
+        self._send(metrics, checkpoint_dir)
+
+    def send_final(self) -> None:
+        if self._final is not None:
+            self._send(*self._final)
+            self._final = None
+
+    def _send(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir and self._sync is not None:
+            self._sync()
+        checkpoint = self._checkpoint_cls.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self._report(metrics, checkpoint=checkpoint)
 
 
 def summary_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -68,15 +126,27 @@ def summary_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _quiet_report_log() -> None:
-    # Ray Train V2 logs every report's full TrainingReport at INFO from a logger named after its source file,
-    # which `ray.train.LoggingConfig` does not reach.
-    try:
-        from ray.train.v2._internal.execution import context
+class _RayFileLoggerFilter(logging.Filter):
+    """Drops INFO and DEBUG records of Ray loggers named after their source file.
 
-        logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # a Ray without that module: nothing to quiet
-        pass
+    Ray Train V2 logs every report's full TrainingReport at INFO (`Reporting training result …`) from a logger
+    created with `logging.getLogger(__file__)`. `ray.train.LoggingConfig(log_level=…)` configures the `ray.train`
+    logger hierarchy, which a logger named `/…/site-packages/ray/train/…/context.py` is not part of, so the
+    public knob does not reach it. The standard-library way that needs no import of Ray's private modules is a
+    filter on the handlers those records end at (the root logger's), matching loggers whose name is a file path
+    inside Ray; warnings and errors still pass. tests/test_ray.py checks that it matches what Ray logs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        named_by_file = record.name.endswith(".py") and f"{os.sep}ray{os.sep}train{os.sep}" in record.name
+        return record.levelno >= logging.WARNING or not named_by_file
+
+
+def quiet_ray_report_log() -> None:
+    """Install `_RayFileLoggerFilter` on the root logger's handlers (once per process)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _RayFileLoggerFilter) for f in handler.filters):
+            handler.addFilter(_RayFileLoggerFilter())
 
 
 def build_trainer(
@@ -87,7 +157,8 @@ def build_trainer(
     callbacks: list | None = None,
     show_progress: bool = True,
 ) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer for one run. `run_name` must be deterministic so a retried run finds its checkpoints."""
+    """A TorchTrainer for one run. `run_name` must be deterministic so a retried run finds its checkpoints.
+    `run_dir` is a path or a storage URI (then rank 0 stages it); `storage_path` is where Ray keeps checkpoints."""
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -114,16 +185,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start a private local Ray (address None) or connect to a cluster. Never attach to a stale local one.
 
     Locally, logical CPUs are at least 4: a Tune trial plus its Train worker need 2 CPUs, and two concurrent
-    trials would otherwise wait forever on a 2-core machine (RAY_NOTES.md). The dashboard runs (on loopback):
+    trials would otherwise wait forever on a 2-core machine (docs/ray.md). The dashboard runs (on loopback):
     Ray Train's PlacementGroupCleaner asks the State API, which the dashboard serves, whether a finished run's
     controller is gone; without it every finished Train run in a sweep leaks its workers' placement group
     until the sweep's CPUs are all reserved and the next trial's workers never start.
     """
+    global _LOCAL_RAY
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if address:
         ray.init(address=address)
+        _LOCAL_RAY = False
     else:
         ray.init(
             address="local",
@@ -133,22 +206,32 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             configure_logging=True,
             logging_level="warning",
         )
+        _LOCAL_RAY = True
+
+
+def local_ray() -> bool:
+    """Whether this process runs on a private local Ray that `init_ray` started (not a cluster)."""
+    return _LOCAL_RAY and ray.is_initialized()
 
 
 def train_once(cfg: Config, address: str | None = None) -> dict[str, Any]:
     """`semimed train`: one run on Ray Train; returns the final metrics. `scaling.num_workers: 0` trains in
-    this process (no Ray), like `semimed train --local`."""
+    this process (no Ray), like `semimed train --local`. `output_dir` may be a storage URI (s3://…)."""
     if not cfg.name:
         cfg = dataclasses.replace(cfg, name=default_run_name(cfg))
+    output = storage.normalize(cfg.output_dir)
+    run_dir = storage.join(output, cfg.name)
     if cfg.scaling.num_workers == 0:
-        return run_training(cfg, Path(cfg.output_dir) / cfg.name)
-    storage = (
-        str(Path(cfg.output_dir).expanduser().resolve()) if "://" not in cfg.output_dir else cfg.output_dir
-    )
-    run_dir = Path(storage) / cfg.name
+        with storage.staged_folder(run_dir) as folder:
+            return run_training(cfg, folder.path, report=lambda _, checkpoint: checkpoint and folder.sync())
     # Refuse a folder that holds another run here, before any worker starts (the workers check again).
-    prepare_run_dir(cfg, run_dir)
+    if storage.is_uri(run_dir):  # its identity (run.json) is all the check reads
+        with tempfile.TemporaryDirectory(prefix="semimed-check-") as scratch:
+            storage.download(run_dir, Path(scratch), [RUN_FILE])
+            prepare_run_dir(cfg, scratch)
+    else:
+        prepare_run_dir(cfg, run_dir)
     init_ray(address)
-    trainer = build_trainer(cfg, run_dir, storage_path=str(Path(storage) / ".ray_train"), run_name=cfg.name)
+    trainer = build_trainer(cfg, run_dir, storage_path=storage.join(output, ".ray_train"), run_name=cfg.name)
     result = trainer.fit()
     return dict(result.metrics or {})

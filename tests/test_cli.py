@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from semimed.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -166,3 +169,177 @@ def test_ssl_at_full_labels_uses_every_training_image_as_unlabeled(demo_roots, t
     pool = data.unlabeled_stream([("u_weak", "weak")]).indices
     assert sorted(pool.tolist()) == sorted(train_rows.tolist())
     assert run_training(cfg, tmp_path / "run", show_progress=False)["step"] == 4
+
+
+# ------------------------------------------------------------------------------------ help and discoverability
+
+
+def _subcommands(parser):
+    import argparse
+
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {name: sub for action in actions for name, sub in action.choices.items()}
+
+
+def test_every_option_and_argument_of_every_command_has_help():
+    """Walks the parser: each option and positional of `semimed` and of every subcommand has a description."""
+    import argparse
+
+    from semimed.cli import build_parser
+
+    parser = build_parser()
+    commands = _subcommands(parser)
+    assert {"split", "prepare", "train", "sweep", "report", "demo", "predict", "config", "explain"} <= set(
+        commands
+    )
+    missing = []
+    for name, sub in [("semimed", parser), *commands.items()]:
+        assert sub.format_help()  # renders
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if not (action.help and action.help.strip()) or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, f"no help text: {missing}"
+    # ...and every subcommand has its line in `semimed --help`.
+    listed = {
+        a.dest: a.help
+        for sub in parser._actions
+        if isinstance(sub, argparse._SubParsersAction)
+        for a in sub._choices_actions
+    }
+    assert set(listed) == set(commands) and all(help_text for help_text in listed.values())
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "choices"),
+    [
+        ("split", "--val-policy", {"full", "fraction", "none"}),
+        ("split", "--task", {"binary", "subtype", "findings"}),
+        ("jobs", "action", {"list", "logs", "stop"}),
+    ],
+)
+def test_closed_sets_are_choices(command, option, choices):
+    from semimed.cli import build_parser
+
+    sub = _subcommands(build_parser())[command]
+    action = next(a for a in sub._actions if option in a.option_strings or a.dest == option)
+    assert choices <= set(action.choices)
+
+
+def test_bad_choice_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["split", "breakhis", "--root", ".", "--val-policy", "sometimes", "--out", "x.json"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from semimed import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"semimed {__version__}"
+
+
+def test_config_prints_the_effective_config_as_yaml(capsys):
+    import yaml
+
+    from semimed.config import Config, config_from_dict
+
+    code, out, _ = run(capsys, "config", "--defaults")
+    assert code == 0 and yaml.safe_load(out) == Config().to_dict()
+    code, out, _ = run(capsys, "config", "train.steps=7", "method.name=fixmatch")
+    values = yaml.safe_load(out)
+    assert code == 0 and values["train"]["steps"] == 7 and values["method"]["name"] == "fixmatch"
+    code, out, _ = run(capsys, "config", str(REPO / "configs" / "breastmnist_fixmatch.yaml"), "seed=3")
+    cfg = config_from_dict(yaml.safe_load(out))
+    assert (cfg.seed, cfg.method.name, cfg.data.dataset, cfg.train.steps) == (3, "fixmatch", "medmnist", 300)
+    code, _, err = run(capsys, "config", "--defaults", "seed=3")
+    assert code == 2 and "--defaults prints the defaults alone" in err
+
+
+def test_config_of_a_search_space_is_its_base(capsys):
+    import yaml
+
+    code, out, _ = run(capsys, "config", str(REPO / "search_spaces" / "medmnist_ssl.yaml"))
+    assert code == 0
+    first, body = out.split("\n", 1)
+    assert "is a search space" in first and "method.name=supervised" in first and "semimed sweep" in first
+    values = yaml.safe_load(body)
+    assert values["data"]["dataset"] == "medmnist" and values["train"]["steps"] == 200
+
+
+def test_shipped_configs_and_search_spaces_carry_no_machine_paths():
+    """A data.root is empty (given on the command line), a placeholder the demo fills in, or relative to the
+    repository root and present there."""
+    import yaml
+
+    from semimed.config import config_from_dict
+
+    roots = {}
+    for path in sorted([*(REPO / "search_spaces").glob("*.yaml"), *(REPO / "configs").glob("*.yaml")]):
+        values = yaml.safe_load(path.read_text())
+        section = values.get("base", values)
+        roots[path.name] = str(section.get("data", {}).get("root", ""))
+        assert "/work/" not in path.read_text() and "/shared/" not in path.read_text(), path
+        if "base" not in values:
+            config_from_dict(values)  # a run config that `semimed train` accepts as is
+    assert roots["breastmnist_fixmatch.yaml"] == "semimed/demo_data/breastmnist.npz"
+    for name, root in roots.items():
+        assert (
+            root == "" or root.startswith("REPLACE") or (not root.startswith("/") and (REPO / root).exists())
+        ), (
+            name,
+            root,
+        )
+
+
+def test_train_and_sweep_say_what_to_pass_without_data_root(tmp_path, capsys, monkeypatch):
+    code, out, err = run(capsys, "train", str(REPO / "search_spaces" / "breakhis_ssl.yaml"), "--local")
+    assert code == 2 and "is a search space" in out
+    assert "data.root is not set; give it on the command line, data.root=PATH (breakhis: " in err
+    code, _, err = run(
+        capsys, "sweep", str(REPO / "search_spaces" / "chestxray14_ssl.yaml"), "--storage", str(tmp_path)
+    )
+    assert code == 2 and "data.root is not set" in err and "chestxray14: " in err
+    assert not any(tmp_path.iterdir())  # refused before anything started
+    monkeypatch.chdir(tmp_path)  # a relative data.root is relative to the repository root
+    code, _, err = run(capsys, "train", str(REPO / "configs" / "breastmnist_fixmatch.yaml"))
+    assert code == 2 and "data.root semimed/demo_data/breastmnist.npz: not found from" in err
+
+
+def test_train_accepts_the_example_config_and_a_search_space_base(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(REPO)
+    fast = ["train.steps=4", "train.eval_every=2", "train.checkpoint_every=4", f"output_dir={tmp_path}"]
+    fast += [f"data.cache_dir={tmp_path / 'cache'}"]
+    code, out, _ = run(capsys, "train", "configs/breastmnist_fixmatch.yaml", *fast, "name=example")
+    assert code == 0 and "test/roc_auc" in out
+    saved = yaml.safe_load((tmp_path / "example" / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(REPO / "semimed" / "demo_data" / "breastmnist.npz")  # made absolute
+    code, out, _ = run(
+        capsys,
+        "train",
+        "search_spaces/medmnist_ssl.yaml",
+        "--local",
+        *fast,
+        "name=base",
+        "model.backbone=small_cnn",
+    )
+    assert code == 0 and "is a search space: semimed train uses its base config" in out
+    assert yaml.safe_load((tmp_path / "base" / "config.yaml").read_text())["method"]["name"] == "supervised"
+
+
+def test_split_prints_integer_counts_once(demo_roots, tmp_path, capsys):
+    code, out, _ = run(
+        capsys, "split", "breakhis", "--root", str(demo_roots["breakhis"]), "--out", str(tmp_path / "s.json")
+    )
+    table = out[out.index("images (patients) per class and split:") :].splitlines()[1:]
+    assert code == 0 and ".0" not in "\n".join(table[:3])
+    assert table[0].split()[-5:] == ["train", "val", "test", "labeled", "unlabeled"]
+    split = json.loads((tmp_path / "s.json").read_text())
+    benign = next(line.split() for line in table if line.split()[0] == "benign")
+    assert benign[1] == str(sum("/benign/" in p for p in split["train"]))

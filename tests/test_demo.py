@@ -240,3 +240,186 @@ def test_bad_parameters(tmp_path: Path, override: dict, message: str) -> None:
     with pytest.raises(SemimedError, match=message):
         write_demo(tmp_path, **{**TINY, **override})
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------ `semimed demo` as a user
+
+
+def _demo_lines(out: str) -> dict[str, list[str]]:
+    lines = out.splitlines()
+    return {
+        "all": lines,
+        "trials": [line for line in lines if line.startswith(("start  ", "done   ", "FAILED "))],
+        "verdicts": [
+            line
+            for line in lines
+            if line.startswith("| ")
+            and any(v in line for v in ("better", "worse", "no detectable difference"))
+        ],
+    }
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_smoke_test_is_quiet_and_ends_with_the_verdicts(tmp_path):
+    """`semimed demo --smoke-test` as a subprocess, its stdout as a user sees it (~1 min on 2 cores)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    done = subprocess.run(
+        [sys.executable, "-m", "semimed.cli", "demo", "--smoke-test", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seen = _demo_lines(done.stdout)
+    experiment = tmp_path / "demo" / "results" / "demo_breastmnist"
+    # one start and one finish line per trial (4 trials), nothing of Ray's on the terminal
+    assert len(seen["trials"]) == 8 and sum(line.startswith("done   ") for line in seen["trials"]) == 4
+    assert all("test roc_auc 0." in line for line in seen["trials"] if line.startswith("done"))
+    for noise in (
+        "View detailed results",
+        "To visualize your results",
+        "Trial status",
+        "(semimed_trial",
+        "INFO",
+    ):
+        assert noise not in done.stdout + done.stderr, noise
+    assert done.stderr == ""
+    # the report's tables with the paired verdicts (roc_auc and balanced accuracy at 2 fractions: one SSL arm)
+    assert len(seen["verdicts"]) == 2 and all(
+        line.startswith("| mean_teacher |") for line in seen["verdicts"]
+    )
+    assert "test roc_auc:" in done.stdout and "| supervised | 0." in done.stdout
+    # where things are: the log, the report, TensorBoard for the experiment folder (not Ray's temp folder)
+    assert (
+        seen["all"][-1]
+        == f"curves, PR curves, confusion matrices, metric vs label fraction: tensorboard --logdir {experiment}"
+    )
+    assert "Configuration for experiment" in (experiment / "sweep.log").read_text()  # Ray's table went here
+    assert (experiment / "tb_report").is_dir() and (experiment / "report.md").is_file()
+    # lean: no checkpoint copies in Tune's trial folders, no Tune event files; the demo's finished runs keep
+    # their reported network but not their resume checkpoints
+    assert not list(experiment.glob("semimed_trial_*/checkpoint_*"))
+    assert len(list(experiment.glob("runs/*/backbone.safetensors"))) == 4
+    assert not list(experiment.glob("runs/*/checkpoints"))
+    assert not list(experiment.glob("semimed_trial_*/events.out.tfevents.*"))
+    size = next(line for line in seen["all"] if line.startswith("demo finished in"))
+    assert int(size.split("; ")[1].split(" MB")[0]) <= 60
+    # The full demo prints the same lines plus one table row per extra arm (4 tables) and two lines per trial:
+    # under 100 lines for its 27 trials.
+    from semimed.demo_run import BREASTMNIST_SPACE
+    from semimed.tune import load_search_space
+
+    full = load_search_space(BREASTMNIST_SPACE)
+    others = len(seen["all"]) - len(seen["trials"])
+    assert others + 4 + 2 * len(full.trials) < 100, (others, len(full.trials))
+
+
+def _trial(i: int, fraction: float, status: str = "PENDING"):
+    from types import SimpleNamespace
+
+    def error():
+        return ValueError("labels do not fit\nsecond line")
+
+    config = {"method": {"name": "fixmatch"}, "data.fraction": fraction, "seed": i}
+    return SimpleNamespace(
+        trial_id=f"t{i}",
+        config=config,
+        last_result={},
+        status=status,
+        get_pickled_error=error,
+        get_error=error,
+    )
+
+
+def test_trial_lines_and_quiet_output(tmp_path, capfd, monkeypatch):
+    """What a sweep prints (one line per trial start/finish, the cell, the metric, the count and ETA off a
+    terminal) and where everything else goes (the log, written at the file-descriptor level)."""
+    import pickle
+
+    from semimed import sweep_progress as sp
+
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    lines = sp.TrialLines(["method", "data.fraction", "seed"], total=3, metric="val/roc_auc", concurrency=2)
+    log = tmp_path / "exp" / sp.LOG_FILE
+    a, b, c = _trial(0, 0.05), _trial(1, 0.05), _trial(2, 1.0)
+    with sp.quiet_output(log):
+        os.write(1, b"a line from Ray's C++ core\n")
+        os.write(2, b"a warning on stderr\n")
+        print("a Python print", flush=True)
+        options = sp.run_config_options(lines)
+        lines.on_step_begin(0, [a, b, c])
+        lines.on_trial_start(0, [a, b, c], a)
+        lines.on_trial_start(0, [a, b, c], b)
+        lines.on_trial_result(0, [a, b, c], a, {"final": True, "test/roc_auc": 0.81234, "val/roc_auc": 0.5})
+        lines.on_trial_complete(0, [a, b, c], a)
+        lines.on_trial_error(0, [a, b, c], b)
+        lines.on_trial_start(0, [a, b, c], c)
+        c.last_result = {"val/roc_auc": 0.7}  # no final report (e.g. stopped early): the last val value
+        lines.on_trial_complete(0, [a, b, c], c)
+    captured = capfd.readouterr()
+    printed = captured.out.splitlines()
+    assert printed[0] == "start  method=fixmatch fraction=0.05 seed=0"
+    assert printed[2].startswith("done   method=fixmatch fraction=0.05 seed=0: test roc_auc 0.812  (")
+    assert printed[2].endswith(" s)  [1/3, ETA 0:00]")
+    assert printed[3].startswith(
+        "FAILED method=fixmatch fraction=0.05 seed=1: ValueError: labels do not fit  [2/3"
+    )
+    assert printed[5].startswith("done   method=fixmatch fraction=1 seed=2: val roc_auc 0.700")
+    assert len(printed) == 6 and captured.err == ""
+    assert log.read_text().splitlines() == [
+        "a line from Ray's C++ core",
+        "a warning on stderr",
+        "a Python print",
+    ]
+    # Tune's RunConfig: no TensorBoard logger (no second copy of every curve), silent tables, our callback
+    assert os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1" and options["verbose"] == 0
+    names = [type(callback).__name__ for callback in options["callbacks"]]
+    assert names == ["CSVLoggerCallback", "JsonLoggerCallback", "TrialLines"]
+    assert "verbose" not in sp.run_config_options(lines)  # outside quiet_output: Ray's usual output
+    # Tune pickles its RunConfig into the experiment: the settings survive, the progress does not
+    again = pickle.loads(pickle.dumps(lines))
+    assert (again.keys, again.total, again.done) == (lines.keys, 3, 0)
+
+
+def test_quiet_output_shows_the_log_tail_when_the_sweep_fails(tmp_path, capfd):
+    from semimed import sweep_progress as sp
+
+    log = tmp_path / sp.LOG_FILE
+    with pytest.raises(RuntimeError, match="boom"), sp.quiet_output(log):
+        os.write(2, b"Traceback: the trial's own error\n")
+        raise RuntimeError("boom")
+    err = capfd.readouterr().err
+    assert f"last 1 lines of {log}" in err and "Traceback: the trial's own error" in err
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
+    from semimed.demo_run import MARKER, _fresh_experiment
+
+    mine = tmp_path / "experiment"
+    (mine / "runs").mkdir(parents=True)
+    with pytest.raises(SemimedError, match="was not written by semimed demo"):
+        _fresh_experiment(mine, print)
+    (mine / MARKER).write_text("demo\n")
+    _fresh_experiment(mine, print)  # its own previous run: replaced
+    assert sorted(p.name for p in mine.iterdir()) == [MARKER]
+
+
+def test_packaged_breastmnist_is_the_official_file():
+    from semimed.data import load_dataset
+    from semimed.data.medmnist import KNOWN_COUNTS
+    from semimed.demo_run import breastmnist_path
+
+    path = breastmnist_path()  # checks the MD5
+    assert path.stat().st_size == 559_580
+    from semimed.config import DataConfig
+
+    dataset = load_dataset(DataConfig(dataset="medmnist", root=str(path), image_size=28))
+    assert len(dataset) == sum(KNOWN_COUNTS["breastmnist"]) == 780
+    assert list(dataset.classes) == ["malignant", "normal_benign"]
+    assert "CC BY 4.0" in (path.parent / "README.md").read_text()

@@ -183,10 +183,16 @@ def test_engine_runs_a_gradual_schedule_end_to_end(make_single_label_set, tmp_pa
     initial = model.features[1][3].weight.detach().clone()
     method = create_method("finetune", model, 2, False, strategy="gradual", probe_steps=4)
     cfg = TrainConfig(steps=8, batch_size=8, lr=0.01, eval_every=4, checkpoint_every=4, device="cpu")
+    saved: dict[int, dict] = {}
+
+    def report(metrics: dict, checkpoint: str | None) -> None:  # read while the run keeps it (it ends with one)
+        if checkpoint is not None:
+            saved[metrics["step"]] = torch.load(Path(checkpoint) / "state.pt", weights_only=True)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        final = fit(method, data, cfg, run_dir=tmp_path, show_progress=False)
-    probe_end = torch.load(tmp_path / "checkpoints" / "step_0000004" / "state.pt", weights_only=True)
+        final = fit(method, data, cfg, run_dir=tmp_path, report=report, show_progress=False)
+    probe_end = saved[4]
     assert torch.equal(probe_end["method"]["model.features.1.3.weight"], initial)
     assert not torch.equal(model.features[1][3].weight, initial)
     assert final["step"] == 8 and lr_factor(0, cfg) == 1.0

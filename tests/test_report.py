@@ -184,7 +184,9 @@ def test_self_supervised_pretraining_arms_are_compared_with_the_plain_control(tm
     write_trial(tmp_path, "sup", seed=0)
     write_trial(tmp_path, "sup_simclr", seed=0, pretrain={"method": "simclr", "steps": 300})
     write_trial(tmp_path, "flex", method="flexmatch", seed=0)
-    write_trial(tmp_path, "flex_simclr", method="flexmatch", seed=0, pretrain={"method": "simclr", "steps": 300})
+    write_trial(
+        tmp_path, "flex_simclr", method="flexmatch", seed=0, pretrain={"method": "simclr", "steps": 300}
+    )
     (study,), _ = group_studies(collect_trials(tmp_path).trials)
     assert sorted(study.arms) == ["flexmatch", "flexmatch+simclr", "supervised", "supervised+simclr"]
     assert study.control == {a: "supervised" for a in ("flexmatch", "flexmatch+simclr", "supervised+simclr")}
@@ -549,3 +551,147 @@ def test_report_files_follow_the_umask(tmp_path, capsys):
     assert (
         "### balanced_accuracy" in printed and "### patient_accuracy" in printed and str(tmp_path) in printed
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the study in TensorBoard (tb_report/), the tables a field expects, the demo's terminal view
+
+
+def _scalars(folder: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def _study(tmp_path: Path) -> None:
+    for seed in range(3):
+        for fraction in (0.05, 1.0):
+            write_trial(
+                tmp_path, f"sup_{fraction}_{seed}", seed=seed, fraction=fraction, skill=0.5 + fraction
+            )
+            write_trial(
+                tmp_path,
+                f"fm_{fraction}_{seed}",
+                method="fixmatch",
+                seed=seed,
+                fraction=fraction,
+                skill=3.0,
+                noise=1,
+            )
+
+
+def test_report_writes_the_study_to_tensorboard(tmp_path):
+    from semimed.report import TB_REPORT
+
+    _study(tmp_path)
+    summary, _ = write_report(tmp_path)
+    board = tmp_path / TB_REPORT
+    for arm in ("supervised", "fixmatch"):
+        scalars = _scalars(board / "breakhis" / arm)
+        for metric in ("roc_auc", "balanced_accuracy"):
+            cells = rows(summary, arm=arm, metric=metric).set_index("label_fraction")
+            # x = label fraction x 1000 (per mille), y = the report's mean and interval, to float32 precision
+            assert scalars[f"{metric}/mean"] == pytest.approx(
+                {50: cells.loc[0.05, "mean"], 1000: cells.loc[1.0, "mean"]}
+            )
+            assert scalars[f"{metric}/ci95_low"][50] == pytest.approx(cells.loc[0.05, "ci95_low"])
+            assert scalars[f"{metric}/last"][1000] == pytest.approx(
+                rows(summary, arm=arm, metric=f"{metric}@last").set_index("label_fraction").loc[1.0, "mean"]
+            )
+        paired = [tag for tag in scalars if "vs_control" in tag]
+        assert bool(paired) == (arm == "fixmatch")
+    diff = rows(summary, arm="fixmatch", metric="roc_auc-vs-control").set_index("label_fraction")
+    assert _scalars(board / "breakhis" / "fixmatch")["roc_auc/vs_control"][50] == pytest.approx(
+        diff.loc[0.05, "mean"]
+    )
+    # HParams: one run per trial, its config and its final test metrics
+    trials = sorted(p.name for p in (board / "hparams").iterdir())
+    assert trials == sorted(p.name for p in (tmp_path / "runs").iterdir())
+    metrics = json.loads((tmp_path / "runs" / "fm_0.05_1" / "metrics.json").read_text())
+    logged = _scalars(board / "hparams" / "fm_0.05_1")
+    assert logged["hparam/test/roc_auc"][0] == pytest.approx(metrics["test/roc_auc"])
+    # a second report replaces tb_report/ instead of adding a second copy of every curve
+    count = len(list(board.rglob("events.out.tfevents.*")))
+    write_report(tmp_path)
+    assert len(list(board.rglob("events.out.tfevents.*"))) == count
+    assert not list(tmp_path.glob(f".{TB_REPORT}*"))
+
+
+def test_brief_view_has_the_tables_and_the_verdicts(tmp_path):
+    from semimed.report import brief
+
+    _study(tmp_path)
+    summary, _ = write_report(tmp_path)
+    text = brief(summary)
+    assert "test roc_auc:" in text and "test balanced_accuracy:" in text
+    verdicts = [line for line in text.splitlines() if line.startswith("| fixmatch |") and "better" in line]
+    assert len(verdicts) == 2  # roc_auc and balanced accuracy, each at both fractions
+    assert "| supervised | 0." in text and "-vs-control" not in text
+    assert len(text.splitlines()) < 30
+
+
+def test_per_finding_auc_table_in_chexnets_layout(tmp_path):
+    chexnet_like = {"model": {"backbone": "densenet121", "pretrained": True}}
+    data = {"dataset": "chestxray14", "image_size": 224}
+    for seed in range(2):
+        write_trial(tmp_path, f"full_{seed}", seed=seed, fraction=1.0, data=data, skill=2.0, **chexnet_like)
+        write_trial(tmp_path, f"tenth_{seed}", seed=seed, fraction=0.1, data=data, skill=0.5, **chexnet_like)
+    _, text = write_report(tmp_path)
+    table = text[text.index("## Per-finding test ROC-AUC") :].split("\n\n")[2].splitlines()
+    assert (
+        table[0] == "| finding | supervised+pretrained @ 0.1 | supervised+pretrained @ 1 | CheXNet 2017 ¹ |"
+    )
+    body = {line.split(" | ")[0].removeprefix("| "): line.strip("| ").split(" | ")[1:] for line in table[2:]}
+    assert list(body) == [*FINDINGS, "**mean**", "**macro**"]
+    runs = {
+        name: json.loads((tmp_path / "runs" / name / "metrics.json").read_text())
+        for name in ("full_0", "full_1")
+    }
+    for finding in FINDINGS:
+        expected = np.mean([m[f"test/roc_auc/{finding}"] for m in runs.values()])
+        assert body[finding][1] == f"{expected:.3f}"
+    assert (
+        body["Mass"][2] == "0.868" and body["Nodule"][2] == "0.780"
+    )  # CheXNet's published per-finding AUROC
+    assert body["**macro**"][1] == f"{np.mean([m['test/roc_auc_macro'] for m in runs.values()]):.3f}"
+    assert "not the official test_list.txt" in text
+
+
+def test_chexnet_column_only_beside_a_comparable_arm(tmp_path):
+    for seed in range(2):
+        write_trial(tmp_path, f"small_{seed}", seed=seed, fraction=1.0, data={"dataset": "chestxray14"})
+    _, text = write_report(tmp_path)
+    assert "## Per-finding test ROC-AUC" in text and "CheXNet 2017" not in text
+
+
+def test_breakhis_accuracy_per_magnification(tmp_path):
+    from semimed.metrics.core import patient_accuracy
+
+    expected: dict[int, list[tuple[float, float]]] = {40: [], 400: []}
+    for seed in range(2):
+        run = write_trial(tmp_path, f"s{seed}", seed=seed, skill=1.0)
+        frame = pd.read_parquet(run / "predictions.parquet")
+        mags = np.where(np.arange(len(frame)) % 2 == 0, 40, 400)
+        frame["path"] = [
+            f"benign/SOB/adenosis/SOB_B_A_14-{i}/{m}X/SOB_B_A-14-{i}-{m}-001.png" for i, m in enumerate(mags)
+        ]
+        frame.to_parquet(run / "predictions.parquet", index=False)
+        correct = (
+            frame[["score/benign", "score/malignant"]].to_numpy().argmax(axis=1) == frame["label"].to_numpy()
+        )
+        for m in (40, 400):
+            keep = mags == m
+            expected[m].append(
+                (correct[keep].mean(), patient_accuracy(correct[keep], frame["patient_id"].to_numpy()[keep]))
+            )
+    _, text = write_report(tmp_path)
+    section = text[text.index("## Accuracy per magnification") :]
+    for level, index in (("### Image-level accuracy", 0), ("### Patient-level accuracy", 1)):
+        lines = section[section.index(level) :].splitlines()
+        assert lines[2] == "| arm @ fraction | 40X | 400X |"
+        cells = lines[4].strip("| ").split(" | ")
+        for cell, mag in zip(cells[1:], (40, 400), strict=True):
+            values = [v[index] for v in expected[mag]]
+            assert cell == f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} (n=2)"

@@ -242,7 +242,12 @@ class Evaluator:
 
 
 def write_predictions(frames: list[pd.DataFrame], path: Path) -> Path:
-    """`predictions.parquet`, written atomically."""
+    """`predictions.parquet`, written atomically; and their PR curves and confusion matrix in the run's
+    TensorBoard folder (`<run_dir>/tb`, engine.log.prediction_summaries)."""
+    from semimed.engine.log import prediction_summaries
+
     staging = staging_path(path)
     pd.concat(frames, ignore_index=True).to_parquet(staging, index=False)
-    return publish(staging, path)
+    published = publish(staging, path)
+    prediction_summaries(Path(path).parent / "tb", frames)
+    return published

@@ -165,3 +165,48 @@ def published_comparison(experiment_dir: Path, trials: TrialSet | None = None) -
             )
         lines.append("")
     return "\n".join(lines)
+
+
+# The terminal view (`semimed demo`): the headline metrics and their paired verdicts, one short line per arm.
+BRIEF_METRICS = ("roc_auc", "balanced_accuracy", "average_precision")
+
+
+def _brief_cell(row: pd.Series) -> str:
+    if not np.isfinite(row["mean"]):
+        return "–"
+    text = f"{row['mean']:.3f}" + (f" ± {row['std']:.3f}" if np.isfinite(row["std"]) else "")
+    text += f" [{row['ci95_low']:.3f}, {row['ci95_high']:.3f}]" if np.isfinite(row["ci95_low"]) else ""
+    return text + ("†" if row["n"] < 3 else "")
+
+
+def _brief_diff(row: pd.Series) -> str:
+    if not row["n"]:
+        return row["verdict"]
+    interval = f" [{row['ci95_low']:+.3f}, {row['ci95_high']:+.3f}]" if np.isfinite(row["ci95_low"]) else ""
+    return f"{row['mean']:+.3f}{interval} {row['verdict']}"
+
+
+def brief(summary: pd.DataFrame, count: int = 2) -> str:
+    """Per study, the first `count` of BRIEF_METRICS it reports: the test table (mean ± std [95% interval]) and
+    the paired difference to the matched control with its verdict. report.md has everything else."""
+    lines = []
+    for study, table in summary.groupby("study", sort=False):
+        fractions = sorted(table["label_fraction"].unique())
+        metrics = [m for m in BRIEF_METRICS if (table["metric"] == m).any()][:count]
+        seeds = int(table.loc[table["metric"].isin(metrics), "n"].max() or 0)
+        lines.append(
+            f"Study {study}: test metrics at the reported checkpoint, mean ± std over {seeds} seed(s) "
+            "[95% bootstrap interval over seeds and test patients]; columns = label fraction"
+        )
+        for metric in metrics:
+            lines += [f"test {metric}:"] + _table(table, metric, fractions, _brief_cell)
+            if (table["metric"] == f"{metric}-vs-control").any():
+                lines.append(
+                    f"{metric}, arm − matched control (same seeds, same resampled patients), verdict:"
+                )
+                lines += _table(table, f"{metric}-vs-control", fractions, _brief_diff)
+    if any("†" in line for line in lines):
+        lines.append("† fewer than 3 seeds: the interval understates the seed-to-seed spread")
+    if any(summary["metric"].str.endswith("-vs-control")):
+        lines.append("verdict: better / worse when the paired 95% interval excludes 0")
+    return "\n".join(lines).rstrip()

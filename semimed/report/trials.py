@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from semimed import storage
 from semimed.config import config_from_dict, result_keys
 from semimed.errors import SemimedError
 
@@ -64,6 +66,49 @@ class TrialSet:
     trials: list[Trial]
     unfinished: list[str] = field(default_factory=list)  # trial folders without metrics.json
     skipped: list[str] = field(default_factory=list)  # "trial: why" for unreadable files
+    root: Path = Path()  # the local folder the trials were read from (for a URI: a temporary copy)
+    location: Path | Location = Path()  # the experiment as the user named it: a path or a storage URI
+
+    def write_back(self) -> list[str]:
+        """For an experiment on a storage URI: upload what the report wrote into `root` (everything but the
+        copied `runs/`) next to the experiment's runs; returns what was uploaded. A path: nothing to do."""
+        if not isinstance(self.location, Location):
+            return []
+        written = sorted(
+            p for p in self.root.rglob("*") if p.is_file() and p.relative_to(self.root).parts[0] != "runs"
+        )
+        for path in written:
+            storage.copy_file(path, storage.join(self.location, path.relative_to(self.root).as_posix()))
+        return [p.relative_to(self.root).as_posix() for p in written]
+
+
+class Location(str):
+    """A storage URI as the report prints it, with a Path's `.name` (`s3://bucket/x/exp` -> `exp`)."""
+
+    @property
+    def name(self) -> str:
+        return storage.name_of(self)
+
+
+# What the report reads from each trial folder: all that is copied from a storage URI.
+REPORT_INPUTS = ("metrics.json", "config.yaml", "split.json", "predictions.parquet")
+_COPIES: list[tempfile.TemporaryDirectory] = []  # kept until the process exits (Trial.path points into them)
+
+
+def _local_copy(uri: str) -> Path:
+    """The report's inputs of the experiment at a storage URI (pyarrow.fs), copied into a temporary folder
+    with the same layout (`runs/<trial>/…`; a trial folder without them is still made: it is unfinished)."""
+    if not storage.is_dir(uri):
+        raise SemimedError(f"{uri}: experiment directory not found")
+    runs = storage.list_files(storage.join(uri, "runs"))
+    holder = tempfile.TemporaryDirectory(prefix="semimed-report-")
+    _COPIES.append(holder)
+    local = Path(holder.name)
+    for rel in runs:
+        (local / "runs" / rel.split("/")[0]).mkdir(parents=True, exist_ok=True)
+    wanted = [rel for rel in runs if rel.count("/") == 1 and rel.split("/")[1] in REPORT_INPUTS]
+    storage.download(storage.join(uri, "runs"), local / "runs", wanted)
+    return local
 
 
 def warn(message: str) -> None:
@@ -73,12 +118,20 @@ def warn(message: str) -> None:
 
 def collect_trials(experiment_dir: str | Path) -> TrialSet:
     """Every trial folder under `runs/`: finished ones read, unfinished ones named, unreadable ones skipped
-    (each with a warning that names it). No finished trial at all is an error."""
-    experiment_dir = Path(experiment_dir)
-    if not experiment_dir.is_dir():
-        raise SemimedError(f"{experiment_dir}: experiment directory not found")
-    out = TrialSet([])
-    for folder in sorted(p for p in experiment_dir.glob("runs/*") if p.is_dir() and p.name[0] != "."):
+    (each with a warning that names it). No finished trial at all is an error.
+
+    `experiment_dir` is a path or a storage URI (s3://…, gs://…: whatever pyarrow.fs opens, semimed.storage);
+    a URI's trial files are read from a local copy of the few files the report needs (REPORT_INPUTS)."""
+    if storage.is_uri(experiment_dir):
+        location: Path | Location = Location(storage.normalize(experiment_dir))
+        root = _local_copy(location)
+    else:
+        location = root = Path(experiment_dir).resolve()
+        if not root.is_dir():
+            raise SemimedError(f"{experiment_dir}: experiment directory not found")
+    experiment_dir = location
+    out = TrialSet([], root=root, location=location)
+    for folder in sorted(p for p in root.glob("runs/*") if p.is_dir() and p.name[0] != "."):
         if not (folder / "metrics.json").is_file():
             out.unfinished.append(folder.name)
             continue
