@@ -184,7 +184,8 @@ def test_override_of_a_grid_axis_replaces_the_axis(tmp_path, capsys):
     assert main(["sweep", str(path), "data.fraction=0.5", "train.lr=0.01", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[:3] == [note, "override train.lr=0.01 sets the base config of every trial", out[2]]
-    assert out[2].startswith("15 trial(s) of ssl -> ") and len(out) == 3 + 15
+    assert out[2].startswith("15 trial(s) of ssl -> ") and len(out) == 3 + 15 + 4
+    assert out[3 + 15].startswith("plan: 15 trial(s), at most ")  # then the plan (semimed/tune/plan.py)
 
 
 def test_override_inside_whole_section_grid_values_is_set_in_each(tmp_path, capsys):
@@ -278,3 +279,98 @@ def test_override_of_the_base_that_breaks_a_trial_names_the_override(tmp_path):
         f"{path}: with override(s) method.params.threshold=0.5, trial method=supervised: "
         "unknown parameter(s) threshold for method 'supervised'; valid: none"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# searchers, schedulers and the metric they read: checked at load, before Ray starts
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"search": {"algorithm": "optuna", "metric": "test/roc_auc"}},
+            "search.metric test/roc_auc: hyperparameters chosen on the test set make its numbers optimistic; "
+            "use val/roc_auc",
+        ),
+        ({"scheduler": {"name": "asha"}, "search": {"metric": "val/rocauc"}}, "'val/rocauc' is not reported"),
+        (
+            {"scheduler": {"name": "asha", "grace": 5}},
+            r"unknown scheduler option\(s\) grace; valid: grace_period",
+        ),
+        ({"scheduler": {"name": "asha", "grace_period": 0}}, "scheduler.grace_period must be a number > 0"),
+        ({"scheduler": {"name": "fifo", "max_t": 5}}, r"scheduler fifo takes no options \(max_t\)"),
+        ({"search": {"algorithm": "optuna", "mode": "maximize"}}, "search.mode must be max or min"),
+        ({"max_concurrent_trials": 0}, "max_concurrent_trials must be a whole number >= 1, not 0"),
+        (
+            {"scheduler": {"name": "asha"}, "base": {**BASE, "data": {**BASE["data"], "val_policy": "none"}}},
+            "search.metric val/roc_auc needs a validation set, but data.val_policy is none",
+        ),
+    ],
+)
+def test_search_and_scheduler_mistakes_fail_at_load(tmp_path, extra, message):
+    with pytest.raises(SemimedError, match=message) as info:
+        load_search_space(write(tmp_path, {"name": "s", "base": BASE, "grid": {"seed": [0]}, **extra}))
+    assert "\n" not in str(info.value)
+
+
+def test_hyperopt_without_its_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "hyperopt" else real(name, *a)
+    )
+    path = write(
+        tmp_path,
+        {"name": "h", "base": BASE, "grid": {"seed": [0]}, "search": {"algorithm": "hyperopt"}},
+    )
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"semimed: error: {path}: search.algorithm hyperopt needs the hyperopt package, which is not installed: "
+        "pip install 'semimed[hyperopt]'\n"
+    )
+
+
+def test_flag_overrides_the_yaml_concurrency_and_the_plan_says_why(tmp_path, capsys):
+    path = write(
+        tmp_path,
+        {"name": "c", "base": BASE, "grid": {"seed": [0, 1, 2, 3, 4]}, "max_concurrent_trials": 1},
+    )
+    assert main(["sweep", str(path), "--dry-run", "--max-concurrent-trials", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 5 trial(s), at most 3 at a time (max_concurrent_trials)" in out
+    assert "3 at a time: {CPU: 4.5}" in out  # 3 × (1 worker × 1 CPU + 0.5 CPU for the trial itself)
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a usage error
+        main(["sweep", str(path), "--dry-run", "--max-concurrent-trials", "0"])
+    assert exit_info.value.code == 2
+    assert "--max-concurrent-trials: must be >= 1, not 0" in capsys.readouterr().err
+
+
+def test_trials_are_placed_node_by_node_not_by_summing_the_cluster():
+    """Four 2-CPU nodes hold 8 CPUs, but not one 3-CPU worker: no trial fits (a sum would say 2)."""
+    from semimed.tune import Cluster, TrialShape
+    from semimed.tune.plan import NodeType, fits
+
+    small = Cluster("four small nodes", (NodeType("n", {"CPU": 2.0}, 4),))
+    assert fits(TrialShape(1, {"CPU": 3.0}, {"CPU": 0.5}), small, limit=10) == 0
+    assert fits(TrialShape(1, {"CPU": 1.5}, {"CPU": 0.5}), small, limit=10) == 4  # one per node, exactly full
+    # GPU nodes: the GPU limits (2 workers of 0.5 GPU per node), the drivers go where CPUs are left.
+    gpus = Cluster("gpu", (NodeType("head", {"CPU": 0.0}, 1), NodeType("g", {"CPU": 8.0, "GPU": 1.0}, 3)))
+    assert fits(TrialShape(1, {"CPU": 2.0, "GPU": 0.5}, {"CPU": 0.5}), gpus, limit=100) == 6
+    assert (
+        fits(TrialShape(1, {"CPU": 2.0, "GPU": 0.5}, {"CPU": 0.5}), gpus, limit=4) == 4
+    )  # never more than asked
+
+
+def test_dry_run_with_a_cluster_config_caps_at_the_trials_and_refuses_what_never_fits(tmp_path, capsys):
+    cluster = REPO / "cluster" / "aws.yaml"
+    gpu = {**BASE, "scaling": {"num_workers": 1, "use_gpu": True, "cpus_per_worker": 4}}
+    path = write(tmp_path, {"name": "g", "base": gpu, "grid": {"seed": [0, 1, 2]}})
+    assert main(["sweep", str(path), "--dry-run", "--cluster-config", str(cluster)]) == 0
+    assert "plan: 3 trial(s), at most 3 at a time (all of them fit " in capsys.readouterr().out
+    huge = {**BASE, "scaling": {"num_workers": 1, "use_gpu": True, "gpus_per_worker": 2}}
+    path = write(tmp_path, {"name": "g", "base": huge, "grid": {"seed": [0]}})
+    assert main(["sweep", str(path), "--dry-run", "--cluster-config", str(cluster)]) == 0
+    assert "plan: 1 trial(s), none can run on " in capsys.readouterr().out
