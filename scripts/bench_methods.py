@@ -9,6 +9,10 @@ images through the networks per step, and the step cost relative to `supervised`
     .venv/bin/python scripts/bench_methods.py                      # small_cnn, 32 px, B=32, μ=2, CPU
     .venv/bin/python scripts/bench_methods.py --backbone resnet18_28 --image-size 28 --threads 2
     .venv/bin/python scripts/bench_methods.py --smoke-test         # seconds: does every method run?
+    .venv/bin/python scripts/bench_methods.py --against-plain      # FixMatch vs a plain loop, separate processes
+
+`--against-plain` hands every other flag to scripts/bench_against_plain.py (its own defaults: the issue's
+ResNet-18, 28 px, B = 32, μ = 7 setting; `--help` there lists them).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,9 +77,11 @@ def bench_one(name: str, args: argparse.Namespace, data: RunData) -> dict:
             device=args.device,
             amp=args.amp,
             channels_last=args.channels_last,
+            loader_workers=args.loader_workers,
+            compile=args.compile,
         )
         started = time.perf_counter()
-        final = fit(method, data, cfg, show_progress=False)
+        final = fit(method, data, cfg, show_progress=False, augment_device=args.augment_device)
         total = time.perf_counter() - started
     per_s = float(final["train/images_per_s"])
     return {
@@ -85,7 +93,13 @@ def bench_one(name: str, args: argparse.Namespace, data: RunData) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict] | dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--against-plain" in argv:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_against_plain import main as against_plain
+
+        return against_plain([a for a in argv if a != "--against-plain"])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -103,8 +117,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--channels-last", action="store_true", help="train.channels_last (faster convs on CPU)"
     )
+    parser.add_argument("--loader-workers", type=int, default=0, help="train.loader_workers")
+    parser.add_argument(
+        "--augment-device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="data.augment_device (views built where)",
+    )
+    parser.add_argument("--compile", action="store_true", help="train.compile")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", default="", help="also write the rows to this file")
+    parser.add_argument(
+        "--against-plain",
+        action="store_true",
+        help="FixMatch against a plain PyTorch loop, each in its own process (scripts/bench_against_plain.py)",
+    )
     parser.add_argument(
         "--smoke-test", action="store_true", help="2 steps at B=4: checks that everything runs"
     )
@@ -128,6 +155,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"# {args.backbone}, {args.image_size} px, B={args.batch_size}, μ={args.mu}, {args.steps} timed steps, "
         f"device {args.device}, amp {args.amp}, channels_last {args.channels_last}, "
+        f"augment_device {args.augment_device}, compile {args.compile}, loader_workers {args.loader_workers}, "
         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}"
     )

@@ -231,6 +231,7 @@ def run_training(
                 device=device,
                 show_progress=show_progress,
                 fingerprint=identity.fingerprint,
+                augment_device=cfg.data.augment_device,
             )
             if write_files:
                 if not closed_form:  # nothing to export: no network (see semimed/classical/fit.py)

@@ -1,8 +1,8 @@
 """Checkpoints: `<run_dir>/checkpoints/step_XXXXXXX/state.pt`, written atomically, loaded with weights_only=True.
 
-A checkpoint holds the method's state (canonical names: no DDP `module.`), the optimizers', the best-so-far
-selection, torch's RNG state, and the run's fingerprint: a checkpoint resumes only the run that wrote it
-(semimed/runs.py), never a run with another configuration or split.
+A checkpoint holds the method's state (canonical names: no DDP `module.`, no torch.compile `_orig_mod.`), the
+optimizers', the best-so-far selection, torch's RNG state, and the run's fingerprint: a checkpoint resumes only
+the run that wrote it (semimed/runs.py), never a run with another configuration or split.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ import torch.distributed as dist
 from semimed.errors import SemimedError
 from semimed.files import current_umask
 
+# Two while a run trains (a crash while writing one leaves the other); one when it has finished.
 CHECKPOINTS_KEPT = 2
 
 
 def canonical_key(key: str) -> str:
-    # DDP nests the network under `.module`; checkpoints store the unwrapped names so they load anywhere.
-    return re.sub(r"(^|\.)module\.", r"\1", key)
+    # DDP nests the network under `.module`, torch.compile's wrapper (OptimizedModule) under `._orig_mod`;
+    # checkpoints store the unwrapped names so they load anywhere. (`train.compile` compiles in place and adds
+    # no prefix; a network compiled by its caller does.)
+    return re.sub(r"(?<![^.])(module|_orig_mod)\.", "", key)
 
 
 def method_state(method: torch.nn.Module) -> dict[str, Any]:
@@ -76,9 +79,14 @@ def save_checkpoint(state: dict[str, Any], folder: Path, step: int) -> Path:
     if target.exists():
         shutil.rmtree(target)
     staging.replace(target)
-    for old in sorted(folder.glob("step_*"))[:-CHECKPOINTS_KEPT]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(folder, CHECKPOINTS_KEPT)
     return target
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the `keep` newest `step_*` checkpoints in `folder`."""
+    for old in sorted(folder.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def resume_state(

@@ -5,10 +5,16 @@
 parts: the method's declared streams (`TrainStreams`), the parameter update (`engine.optim.Optimization`,
 overridable per method), evaluation and checkpoint selection (`engine.evaluate.Evaluator`), checkpoints
 (`engine.checkpoint`) and curves (`engine.log`).
+
+Where the views are built (`augment_device`): "cpu" = per image in the data loader (`semimed.data.augment`'s
+torchvision transforms, in loader worker processes when `train.loader_workers` > 0); "cuda" = per batch on the
+training device after the copy (`augment_batch`: the loader only gathers raw uint8 rows). On a CPU-only run
+"cuda" runs the same batched code on the CPU: the training device is where it runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +24,15 @@ import torch.distributed as dist
 from torch import nn
 
 from semimed.config import TrainConfig
-from semimed.data.augment import Normalizer
+from semimed.data.augment import Normalizer, augment_batch, step_generator
 from semimed.data.views import RunData, step_loader, unlabeled_pool
-from semimed.engine.checkpoint import latest_checkpoint, method_state, resume_state, save_checkpoint
+from semimed.engine.checkpoint import (
+    latest_checkpoint,
+    method_state,
+    prune_checkpoints,
+    resume_state,
+    save_checkpoint,
+)
 from semimed.engine.ema import WeightEMA
 from semimed.engine.evaluate import PREDICTIONS_FILE, Best, Evaluator, to_device, write_predictions
 from semimed.engine.log import Tensorboard, TrainLog
@@ -41,18 +53,35 @@ class TrainStreams:
     """The streams a method declares, as one Batch per step on the device.
 
     Each stream is a resumable sampler over its rows (`StepBatchSampler`): the labeled one seeded with `seed`,
-    the unlabeled one with `seed + 1`, so the batches of step s depend only on (seed, s).
+    the unlabeled one with `seed + 1`, so the batches of step s depend only on (seed, s). With
+    `augment_device` "cuda" the loaders yield raw uint8 rows and the views are built here, on the device, from a
+    generator seeded by (seed, step, rank) (`step_generator`): a resumed run is exact with any loader_workers.
     """
 
     def __init__(
-        self, data: RunData, needs: Needs, cfg: TrainConfig, seed: int, start_step: int, rank: int, world: int
+        self,
+        data: RunData,
+        needs: Needs,
+        cfg: TrainConfig,
+        seed: int,
+        start_step: int,
+        rank: int,
+        world: int,
+        augment_device: str = "cpu",
     ) -> None:
+        self.seed, self.step, self.rank = seed, start_step, rank
+        # (loader key, batch key, view kind) of the views built on the device; none on the CPU path.
+        self.device_views: list[tuple[str, str, str]] = []
+        on_device = augment_device != "cpu"
         self.loaders = []
         if needs.labeled:
+            source = dataclasses.replace(data, labeled_augment="none") if on_device else data
+            if on_device:
+                self.device_views.append(("x", "x", data.labeled_augment))
             self.loaders.append(
                 iter(
                     step_loader(
-                        data.labeled_stream(),
+                        source.labeled_stream(),
                         cfg.batch_size,
                         seed,
                         start_step,
@@ -63,18 +92,39 @@ class TrainStreams:
                 )
             )
         if needs.unlabeled:
-            unlabeled = data.unlabeled_stream(needs.view_keys(), needs.labeled)
+            if on_device:  # one raw copy of each image; its views are built from it on the device
+                unlabeled = data.unlabeled_stream([("u_image", "none")], needs.labeled)
+                self.device_views += [("u_image", key, kind) for key, kind in needs.view_keys()]
+            else:
+                unlabeled = data.unlabeled_stream(needs.view_keys(), needs.labeled)
             size = cfg.batch_size * cfg.unlabeled_ratio
             self.loaders.append(
                 iter(step_loader(unlabeled, size, seed + 1, start_step, rank, world, cfg.loader_workers))
             )
 
     def next(self, device: torch.device, channels_last: bool, normalize: Normalizer) -> Batch:
-        batch = Batch()
+        raw: dict[str, torch.Tensor] = {}
         for loader in self.loaders:
-            for key, value in next(loader).items():
-                batch[key] = to_device(value, device, channels_last, normalize)
-        return batch
+            raw.update(next(loader))
+        if self.device_views:
+            raw = self._views_on(device, raw)
+        self.step += 1
+        return Batch({key: to_device(value, device, channels_last, normalize) for key, value in raw.items()})
+
+    def _views_on(self, device: torch.device, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loader's raw uint8 images replaced, in place in the key order, by their views built on `device`
+        (drawn in a fixed order from this step's generator)."""
+        generator = step_generator(self.seed, self.step, self.rank)
+        out: dict[str, torch.Tensor] = {}
+        for key, value in raw.items():
+            views = [(batch_key, kind) for source, batch_key, kind in self.device_views if source == key]
+            if not views:
+                out[key] = value
+                continue
+            images = value.to(device, non_blocking=True)
+            for batch_key, kind in views:
+                out[batch_key] = augment_batch(kind, images, generator)
+        return out
 
 
 def fit(
@@ -89,6 +139,7 @@ def fit(
     device: torch.device | None = None,
     show_progress: bool = True,
     fingerprint: str | None = None,
+    augment_device: str = "cpu",
 ) -> dict[str, Any]:
     """Train `method` for `cfg.steps` optimizer steps; returns the final metrics (also passed to `report`).
 
@@ -97,8 +148,12 @@ def fit(
     `val/*`; at the end: `test/*` at the reported checkpoint (selected on val by `cfg.select_metric`, else the
     last), `test_last/*`, and which checkpoint and network they come from. Writes checkpoints, TensorBoard
     curves and `predictions.parquet` under `run_dir` (rank 0). On return `method` holds the reported weights.
+    `augment_device` (`data.augment_device`): where the training views are built, "cpu" (the data loader) or
+    "cuda" (batched, on the training device).
     """
-    run = _Run(method, data, cfg, seed, run_dir, resume_from, device, show_progress, fingerprint)
+    run = _Run(
+        method, data, cfg, seed, run_dir, resume_from, device, show_progress, fingerprint, augment_device
+    )
     metrics: dict[str, Any] = {}
     method.train()
     for step in range(run.start_step, cfg.steps):
@@ -143,6 +198,7 @@ class _Run:
         device: torch.device | None,
         show_progress: bool,
         fingerprint: str | None,
+        augment_device: str = "cpu",
     ) -> None:
         _check_budget(cfg)
         self.method, self.cfg, self.fingerprint = method, cfg, fingerprint
@@ -176,8 +232,13 @@ class _Run:
         self.autocast = _autocast(cfg.amp, self.device)
         if cfg.channels_last:
             method.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            # After the state is loaded and the networks wrapped (in place: checkpoints keep canonical names).
+            compile_networks(method, self.device)
         self.normalize = data.normalize or Normalizer(data.channels)
-        self.streams = TrainStreams(data, needs, cfg, seed, self.start_step, self.rank, self.world)
+        self.streams = TrainStreams(
+            data, needs, cfg, seed, self.start_step, self.rank, self.world, augment_device
+        )
         if state is not None and "torch_rng" in state:
             # Augmentations and dropout draw from torch's generator: continue its stream, so a resumed run sees
             # the same random crops as an uninterrupted one (exact with loader_workers=0). Restored after the
@@ -242,6 +303,10 @@ class _Run:
         final.update(test_metrics)
         self.board.scalars({k: v for k, v in final.items() if k.startswith("test")}, self.cfg.steps)
         self.board.close()
+        if self.rank == 0 and self.run_dir is not None:
+            # The run is over: its last checkpoint holds the last weights and the val-selected ones (its "best"),
+            # so the older one kept for resuming mid-run is no longer needed.
+            prune_checkpoints(self.run_dir / "checkpoints", keep=1)
         if self.rank == 0 and self.run_dir is not None and predictions:
             write_predictions(predictions, self.run_dir / PREDICTIONS_FILE)
         return final
@@ -251,6 +316,25 @@ class _Run:
             return None
         found = latest_checkpoint(self.run_dir / "checkpoints")
         return str(found) if found is not None else None
+
+
+def compile_networks(method: Method, device: torch.device) -> None:
+    """`train.compile`: torch.compile, in place (`nn.Module.compile`), of the networks the method trains (those
+    with trainable parameters; not an EMA teacher or a momentum target). In place, so parameter names, state
+    dicts and the DDP wrapper stay as they are. Raises a SemimedError, before any training, when torch.compile
+    cannot compile on this machine (no C++ compiler for the CPU backend, no Triton for CUDA, an unsupported
+    Python)."""
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(2, device=device))
+    except Exception as exc:  # whatever the backend raises: say which option to change
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise SemimedError(
+            f"train.compile=true, but torch.compile does not work here on {device.type} "
+            f"({type(exc).__name__}: {first[:300]}); set train.compile=false"
+        ) from exc
+    for network in method.networks():
+        if any(p.requires_grad for p in network.parameters()):
+            network.compile()
 
 
 def _due(done: int, every: int, steps: int) -> bool:
