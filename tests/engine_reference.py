@@ -37,13 +37,23 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "supervised": ("breakhis", ["method.name=supervised"]),
     "supervised_noaug": ("breakhis", ["method.name=supervised", "train.augment=none"]),
     "pseudo_label": ("breakhis", ["method.name=pseudo_label", "method.params.threshold=0.6"]),
-    "fixmatch": ("breakhis", ["method.name=fixmatch", "method.params.threshold=0.6", "train.unlabeled_ratio=2"]),
+    "fixmatch": (
+        "breakhis",
+        ["method.name=fixmatch", "method.params.threshold=0.6", "train.unlabeled_ratio=2"],
+    ),
     "mean_teacher": ("breakhis", ["method.name=mean_teacher", "method.params.rampup_steps=4"]),
     "mean_teacher_weak": (
         "breakhis",
-        ["method.name=mean_teacher", "method.params.student_view=weak", "method.params.evaluate_teacher=false"],
+        [
+            "method.name=mean_teacher",
+            "method.params.student_view=weak",
+            "method.params.evaluate_teacher=false",
+        ],
     ),
-    "gan_ssl": ("breakhis", ["method.name=gan_ssl", "method.params.image_size=16", "method.params.generator_width=8"]),
+    "gan_ssl": (
+        "breakhis",
+        ["method.name=gan_ssl", "method.params.image_size=16", "method.params.generator_width=8"],
+    ),
     "finetune": ("breakhis", ["method.name=finetune", "method.params.probe_steps=6"]),
     "supervised_chest": ("chestxray14", ["method.name=supervised"]),
     "fixmatch_chest": ("chestxray14", ["method.name=fixmatch", "method.params.threshold=0.7"]),

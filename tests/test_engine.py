@@ -311,7 +311,9 @@ def test_resume_continues_from_the_saved_step(resume_runs, augment: str) -> None
     assert runs["after"][0]["final"] is True and runs["final"]["step"] == 60
     assert runs["final"]["resumed_from_step"] == 40 and runs["straight"]["resumed_from_step"] == 0
     folders = sorted(p.name for p in (crash_dir / "checkpoints").iterdir())
-    assert folders == ["step_0000060"]  # a finished run keeps its last checkpoint only, no staging folder left
+    assert folders == [
+        "step_0000060"
+    ]  # a finished run keeps its last checkpoint only, no staging folder left
     assert latest_checkpoint(crash_dir / "checkpoints") == crash_dir / "checkpoints" / "step_0000060"
 
 

@@ -185,7 +185,9 @@ def test_engine_runs_a_gradual_schedule_end_to_end(make_single_label_set, tmp_pa
     cfg = TrainConfig(steps=8, batch_size=8, lr=0.01, eval_every=4, checkpoint_every=4, device="cpu")
     saved: dict[int, dict] = {}
 
-    def report(metrics: dict, checkpoint: str | None) -> None:  # read while the run keeps it (it ends with one)
+    def report(
+        metrics: dict, checkpoint: str | None
+    ) -> None:  # read while the run keeps it (it ends with one)
         if checkpoint is not None:
             saved[metrics["step"]] = torch.load(Path(checkpoint) / "state.pt", weights_only=True)
 
