@@ -149,51 +149,21 @@ def explain_run(
     _gradcam.png` (image | overlay, side by side; `<stem>-2`, `<stem>-3`, … when inputs share a file name) and
     logs up to TB_IMAGES overlays to TensorBoard under `run_dir/tb` (tag gradcam).
     """
-    from semimed.config import load_config
-    from semimed.data.augment import Normalizer, build_transform
+    from semimed.data.augment import build_transform
     from semimed.data.base import read_image_file
     from semimed.data.cache import resize_center_crop
-    from semimed.data.splits import Split
     from semimed.losses import probabilities
-    from semimed.models.backbones import create_backbone
-    from semimed.models.checkpoints import BACKBONE_FILE, read_backbone_metadata
+    from semimed.predict import load_run_model
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise SemimedError(f"{run_dir}: not a semimed run directory (no config.yaml)")
     if not images:
         raise SemimedError("explain: no images given (--images PATH ...)")
-    from semimed.classical.fit import refuse_closed_form_run
-    from semimed.methods import METHODS
-
-    refuse_closed_form_run(run_dir, "explain")
-    exported = run_dir / BACKBONE_FILE
-    if not exported.is_file():
-        raise SemimedError(
-            f"{run_dir}: no {BACKBONE_FILE} (the run has not finished): explain shows the network the run's "
-            "metrics were reported for, which a run exports when it ends"
-        )
-    cfg = load_config(run_dir / "config.yaml")
-    if cfg.method.name in METHODS and not METHODS.get(cfg.method.name).classifies:
-        raise SemimedError(
-            f"{run_dir}: a {cfg.method.name} run pretrains a backbone without labels, so it has no classifier to "
-            "explain; explain a run fine-tuned from it (model.pretrained_checkpoint=RUN_DIR)"
-        )
-    classes = Split.load(run_dir / "split.json").classes
-    meta = read_backbone_metadata(exported)
-    channels = int(json.loads(meta.get("in_chans", "3")))
-    multilabel = json.loads(meta["multilabel"]) if "multilabel" in meta else _dataset_multilabel(cfg)
-    model = create_backbone(
-        cfg.model.backbone,
-        len(classes),
-        channels,
-        checkpoint=str(exported),
-        drop_rate=cfg.model.drop_rate,
-        image_size=cfg.data.image_size,
+    model, classes, multilabel, normalize, cfg, channels = load_run_model(
+        run_dir, torch.device("cpu"), "explain"
     )
-    mean, std = model.checkpoint_report.normalization or (None, None)
     size = cfg.data.image_size
-    transform, normalize = build_transform("none", size), Normalizer(channels, mean, std)
+    transform = build_transform("none", size)
+    tb_step = int(json.loads(_metadata(run_dir).get("step", "0")))
 
     pixels = torch.stack(
         [
@@ -236,7 +206,7 @@ def explain_run(
 
         with SummaryWriter(str(run_dir / "tb")) as writer:
             grid = torch.from_numpy(np.stack(panels[:TB_IMAGES])).permute(0, 3, 1, 2)
-            writer.add_images("gradcam", grid, int(json.loads(meta.get("step", "0"))), dataformats="NCHW")
+            writer.add_images("gradcam", grid, tb_step, dataformats="NCHW")
     return results
 
 
@@ -255,7 +225,7 @@ def unique_stems(paths: Sequence[str | Path]) -> list[str]:
     return stems
 
 
-def _dataset_multilabel(cfg) -> bool:
-    from semimed.data import load_dataset
+def _metadata(run_dir: Path) -> dict[str, str]:
+    from semimed.models.checkpoints import BACKBONE_FILE, read_backbone_metadata
 
-    return bool(load_dataset(cfg.data).multilabel)
+    return read_backbone_metadata(run_dir / BACKBONE_FILE)

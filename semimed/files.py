@@ -53,3 +53,15 @@ def publish(staging: str | Path, path: str | Path) -> Path:
     os.chmod(staging, 0o666 & ~current_umask())
     os.replace(staging, path)
     return Path(path)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (the writer named in a lock file; a lock left by a dead
+    process is stale)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True

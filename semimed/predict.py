@@ -54,9 +54,12 @@ class _Images(torch.utils.data.Dataset):
         return torch.from_numpy(resize_center_crop(self.read(index), self.size).copy())  # a writable copy
 
 
-def load_run_model(run_dir: Path, device: torch.device):
-    """(model in eval mode on `device`, classes, multilabel, Normalizer, image size, channels) of a finished,
-    classifying run; a clear error for anything else."""
+def load_run_model(run_dir: Path, device: torch.device, purpose: str = "predict"):
+    """(model in eval mode on `device`, classes, multilabel, Normalizer, config, channels) of a finished,
+    classifying run: its `backbone.safetensors`, the network its test metrics were reported for. A clear
+    one-line error for anything else (no run, a closed-form method, self-supervised pretraining, unfinished);
+    `purpose` ("predict", "explain") is named in it. `semimed predict` and `semimed explain` both load this."""
+    from semimed.classical.fit import refuse_closed_form_run
     from semimed.config import load_config
     from semimed.data.augment import Normalizer
     from semimed.data.splits import Split
@@ -64,19 +67,21 @@ def load_run_model(run_dir: Path, device: torch.device):
     from semimed.models.backbones import create_backbone
     from semimed.models.checkpoints import BACKBONE_FILE, read_backbone_metadata
 
+    run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise SemimedError(f"{run_dir}: not a semimed run directory (no config.yaml)")
+    refuse_closed_form_run(run_dir, purpose)
     cfg = load_config(run_dir / "config.yaml")
     if cfg.method.name in METHODS and not METHODS.get(cfg.method.name).classifies:
         raise SemimedError(
-            f"{run_dir}: a {cfg.method.name} run pretrains a backbone without labels; it has no classifier to "
-            "predict with. Predict with a run fine-tuned from it (model.pretrained_checkpoint=RUN_DIR)"
+            f"{run_dir}: a {cfg.method.name} run pretrains a backbone without labels, so it has no classifier to "
+            f"{purpose} with; use a run fine-tuned from it (model.pretrained_checkpoint=RUN_DIR)"
         )
     exported = run_dir / BACKBONE_FILE
     if not exported.is_file():
         raise SemimedError(
-            f"{run_dir}: no {BACKBONE_FILE}: predict uses the network a run reported its test metrics for, which "
-            "a run exports when it finishes (an unfinished run, or a closed-form method without a network)"
+            f"{run_dir}: no {BACKBONE_FILE} (the run has not finished): {purpose} uses the network the run "
+            "reported its test metrics for, which a run exports when it ends"
         )
     meta = read_backbone_metadata(exported)
     classes = json.loads(meta["classes"]) if "classes" in meta else Split.load(run_dir / "split.json").classes

@@ -25,7 +25,7 @@ from semimed import __version__
 from semimed.config import Config, result_keys
 from semimed.data.splits import Split
 from semimed.errors import SemimedError
-from semimed.files import atomic_write_text
+from semimed.files import atomic_write_text, process_alive
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -204,18 +204,8 @@ class RunLock:
     def _stale(self) -> bool:
         host, _, pid = self._holder().partition(" pid ")
         if host == socket.gethostname() and pid.isdigit():
-            return not _alive(int(pid))
+            return not process_alive(int(pid))
         try:
             return time.time() - self.path.stat().st_mtime > STALE_AFTER_S
         except FileNotFoundError:
             return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

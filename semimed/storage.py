@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from semimed.errors import SemimedError
-from semimed.files import atomic_write_bytes
+from semimed.files import atomic_write_bytes, process_alive
 
 # What a mirror never uploads: hidden names (the run lock, half-written staging files) and checkpoints, which
 # Ray persists itself (see the module docstring).
@@ -247,19 +247,9 @@ def _new_staging(name: str) -> Path:
     host = socket.gethostname()
     for old in root.iterdir():
         owner, _, pid = old.name.rpartition(".")
-        if owner.endswith(f".{host}") and pid.isdigit() and not _alive(int(pid)):
+        if owner.endswith(f".{host}") and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     staging = root / f"{name}.{host}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -91,3 +91,22 @@ def moto_server(log: Path | None = None) -> Iterator[S3Server]:
             process.wait()
         if log:
             out.close()
+
+
+@contextlib.contextmanager
+def moto_environment() -> Iterator[S3Server]:
+    """`moto_server()` with this process's AWS_* variables pointing at it for the duration (pyarrow reads them,
+    and Ray processes started inside inherit them, as nodes with an instance role would); restored after."""
+    import os
+
+    with moto_server() as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

@@ -107,7 +107,7 @@ def test_predict_refuses_what_has_no_classifier(run_dir, tmp_path, capsys):
     values = yaml.safe_load((ssl / "config.yaml").read_text())
     values["method"] = {"name": "simclr", "params": {}}
     (ssl / "config.yaml").write_text(yaml.safe_dump(values))
-    with pytest.raises(SemimedError, match="pretrains a backbone without labels; it has no classifier"):
+    with pytest.raises(SemimedError, match="pretrains a backbone without labels, so it has no classifier"):
         predict(ssl, images=["x.png"])
     unfinished = tmp_path / "unfinished"
     shutil.copytree(run_dir, unfinished)

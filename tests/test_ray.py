@@ -30,19 +30,10 @@ FAST = ["data.image_size=24", "model.backbone=small_cnn", "train.batch_size=16",
 def s3():
     """An S3-compatible server on loopback (moto_server), started before the module's Ray: this process's
     AWS_* variables point at it, and the Ray processes inherit them, as nodes with an instance role would."""
-    from s3server import moto_server
+    from s3server import moto_environment
 
-    with moto_server() as server:
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
-        try:
-            yield server
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with moto_environment() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from s3server import moto_server
+from s3server import moto_environment
 
 from semimed import storage
 from semimed.errors import SemimedError
@@ -22,17 +22,8 @@ from semimed.runs import RunIdentity, check_run_dir, write_identity
 @pytest.fixture(scope="module")
 def s3():
     """The server, with this process's AWS_* variables pointing at it (pyarrow reads them)."""
-    with moto_server() as server:
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
-        try:
-            yield server
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with moto_environment() as server:
+        yield server
 
 
 def test_paths_and_uris_join_and_name_alike(tmp_path):

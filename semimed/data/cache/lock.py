@@ -16,6 +16,7 @@ from pathlib import Path
 
 from semimed.data.cache.layout import DecodedPixels
 from semimed.errors import SemimedError
+from semimed.files import process_alive
 
 _WAIT_POLL_S = 1.0
 
@@ -38,7 +39,7 @@ def _try_lock(lock: Path) -> bool:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             host, _, pid = _lock_holder(lock).partition(" pid ")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
                 lock.unlink(missing_ok=True)  # left by a killed build: the .partial it left is resumable
                 continue
             return False
@@ -46,16 +47,6 @@ def _try_lock(lock: Path) -> bool:
             handle.write(f"{socket.gethostname()} pid {os.getpid()}\n")
         return True
     return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def take_lock(
