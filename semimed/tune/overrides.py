@@ -164,7 +164,10 @@ def short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     if isinstance(value, dict):  # a whole section as one grid value, e.g. {name: fixmatch, params: {...}}
-        return str(value.get("name", "+".join(f"{k}={short(x)}" for k, x in value.items())))
+        for key in ("name", "method"):  # a method section by its name, a pretrain section by its method
+            if key in value:
+                return str(value[key]) or "none"
+        return "+".join(f"{k}={short(x)}" for k, x in value.items())
     return str(value)
 
 
