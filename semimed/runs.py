@@ -10,6 +10,7 @@ folder and what differs (`data.fraction 0.1 → 1.0`). One process writes a run 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,8 +40,13 @@ class RunLockedError(SemimedError):
     """Another live process holds the run folder's lock."""
 
 
+@functools.cache
 def git_commit() -> str:
-    """The commit of the checkout semimed runs from ('' outside a git checkout, e.g. a Ray job's upload)."""
+    """The commit of the checkout semimed runs from ('' outside a git checkout, e.g. a Ray job's upload).
+
+    Read once per process: the code a process runs is what it imported when it started, and a commit made
+    while it runs must not change its identity between two checks (e.g. a pretraining's folder name and the
+    run written into it). A retried trial starts a new process and reads the commit again."""
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5

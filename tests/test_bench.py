@@ -34,7 +34,13 @@ def script_env() -> dict[str, str]:
 def test_bench_methods_runs_fixmatch_with_device_views() -> None:
     rows = bench_methods.main(["--smoke-test", "--methods", "fixmatch", "--augment-device", "cuda"])
     assert [r["method"] for r in rows] == ["fixmatch"]
-    assert rows[0]["s_per_step"] > 0 and rows[0]["images_through_networks_per_step"] == "20"
+    assert rows[0]["s_per_step"] > 0 and rows[0]["images_per_step"] == "4 + 2 x 8"
+
+
+def test_bench_methods_covers_every_loop_method_and_no_closed_form_one() -> None:
+    names = bench_methods.loop_methods()
+    assert names[0] == "supervised"  # the reference row comes first
+    assert {"flexmatch", "simclr", "byol", "finetune"} <= set(names) and "classical" not in names
 
 
 def test_bench_engine_returns_both_sides_and_their_ratio(tmp_path: Path) -> None:

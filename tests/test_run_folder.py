@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+from semimed import runs
 from semimed.cli import main
 from semimed.config import load_config
 from semimed.errors import SemimedError
@@ -129,6 +130,24 @@ def test_another_code_version_is_refused(finished, demo_roots, tmp_path: Path) -
     (folder / RUN_FILE).write_text(json.dumps(identity))
     with pytest.raises(SemimedError, match=r"the code \(semimed .* at 0123456789"):
         run_training(config(demo_roots, "train.steps=2"), folder, show_progress=False)
+
+
+def test_a_commit_made_while_a_process_runs_does_not_change_its_code_version(monkeypatch) -> None:
+    # Seen in a sweep: a commit landed between a trial naming its pretraining folder (by fingerprint) and
+    # checking the run written into it, so the trial refused its own pretraining as "another run".
+    commits = iter(["1111111111", "2222222222"])
+
+    def rev_parse(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 0, stdout=next(commits) + "\n", stderr="")
+
+    forget = getattr(runs.git_commit, "cache_clear", lambda: None)
+    forget()
+    monkeypatch.setattr(runs.subprocess, "run", rev_parse)
+    try:
+        assert runs.git_commit() == "1111111111"
+        assert runs.code_version()["git_commit"] == "1111111111"  # not the commit made since
+    finally:
+        forget()  # later tests read the real checkout again
 
 
 def test_results_without_an_identity_are_not_resumed(demo_roots, tmp_path: Path) -> None:
