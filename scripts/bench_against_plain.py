@@ -17,7 +17,7 @@ shared machine the CPU time is the steadier of the two). Runs are repeated and i
 the load average are printed, and the ratio semimed / plain.
 
     .venv/bin/python scripts/bench_against_plain.py                    # resnet18, 28 px, B=32, μ=7, 40-10 steps
-    .venv/bin/python scripts/bench_against_plain.py --npz /work/shared/data/medmnist/breastmnist.npz
+    .venv/bin/python scripts/bench_against_plain.py --npz semimed/demo_data/breastmnist.npz
     .venv/bin/python scripts/bench_against_plain.py --smoke-test       # seconds: does everything run?
 """
 

@@ -1,6 +1,6 @@
 """Images per second per core: (a) PNG decode + resize from the real sample images, (b) batches from the cache.
 
-    python scripts/bench_data.py [--data /work/shared/data] [--size 224] [--batch 64] [--json out.json]
+    python scripts/bench_data.py [--data $SEMIMED_SAMPLE_DATA] [--size 224] [--batch 64] [--json out.json]
 
 (a) runs `read_image_file` + `resize_center_crop` (exactly what `semimed prepare` does per image) in this one
 process, over each group of real images: the full-resolution ChestX-ray14 originals (1024x1024 8-bit gray), the

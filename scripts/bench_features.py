@@ -1,6 +1,6 @@
 """Hand-crafted feature extraction throughput on real 224-px BreakHis images: images/s/core, 1 core vs all cores.
 
-    python scripts/bench_features.py [--data /work/shared/data] [--size 224] [--workers N] [--repeat 2]
+    python scripts/bench_features.py [--data $SEMIMED_SAMPLE_DATA] [--size 224] [--workers N] [--repeat 2]
 
 The real BreakHis sample (700x460 RGB) is decoded once into a pixel cache at --size in a temporary folder (what a
 run reads), its rows repeated --repeat times, and each extractor of semimed/classical/features.py (and the

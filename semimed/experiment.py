@@ -33,7 +33,7 @@ from semimed.data.augment import Normalizer
 from semimed.data.cache import load_pixels
 from semimed.data.splits import Split, make_split
 from semimed.data.views import RunData
-from semimed.engine import ReportFn, fit
+from semimed.engine import ReportFn, fit, resolve_device
 from semimed.errors import SemimedError
 from semimed.files import atomic_write_text
 from semimed.methods import Method, create_method
@@ -49,12 +49,18 @@ def check_config(cfg: Config) -> None:
     import timm
 
     from semimed.data import DATASETS
-    from semimed.methods import check_method
+    from semimed.methods import METHODS, check_method
     from semimed.models.backbones import LOCAL_BACKBONES, backbone_names
 
     if cfg.data.dataset not in DATASETS:
         raise SemimedError(f"unknown data.dataset {cfg.data.dataset!r}; valid: {', '.join(DATASETS.names())}")
     check_method(cfg.method.name, cfg.method.params)
+    if cfg.train.ema and not METHODS.get(cfg.method.name).evaluates_trained_weights(cfg.method.params):
+        raise SemimedError(
+            f"train.ema={cfg.train.ema:g} averages the trained weights, but {cfg.method.name} evaluates another "
+            "network (its own EMA teacher): set train.ema=0, or method.params.evaluate_teacher=false to evaluate "
+            "an EMA of the student"
+        )
     _check_pretrain(cfg)
     if cfg.model.backbone not in LOCAL_BACKBONES and not timm.is_model(cfg.model.backbone):
         raise SemimedError(
@@ -84,6 +90,14 @@ def _check_pretrain(cfg: Config) -> None:
     if cfg.model.pretrained or cfg.model.pretrained_checkpoint:
         raise SemimedError(
             "pretrain.method and model.pretrained / model.pretrained_checkpoint both give the start weights; pick one"
+        )
+    if cfg.scaling.num_workers > 1:
+        # Every DDP rank would build the run and wait for the pretraining lock that another rank holds while
+        # it waits in a collective for them: a deadlock. One process pretrains; fine-tuning can then be DDP.
+        raise SemimedError(
+            f"pretrain.method with scaling.num_workers={cfg.scaling.num_workers} (DDP) is not supported: train the "
+            f"pretraining as its own run (method.name={name}) and start from it with "
+            "model.pretrained_checkpoint=RUN_DIR, or use scaling.num_workers <= 1"
         )
     if cfg.pretrain.steps < 1 or cfg.pretrain.batch_size < 1:
         raise SemimedError(
@@ -203,9 +217,17 @@ def run_training(
     anything, a folder that holds another run.
     """
     run_dir = Path(run_dir)
-    # Weight init, dropout and augmentations draw from torch's generator: seed it per run, inside a fork so
-    # the caller's global RNG state is left as it was (splits use their own explicit generators).
-    with torch.random.fork_rng(devices=[]):
+    # Weight init, dropout and augmentations draw from torch's generators: seed them per run, inside a fork so
+    # the caller's global RNG state is left as it was (splits use their own explicit generators). The fork
+    # covers the training GPU's generator too: a pretraining run inside this one (pretrain.method) reseeds
+    # it, and the fine-tune must draw the same whether the pretraining ran here or came from the cache.
+    device = resolve_device(cfg.train.device)
+    gpus = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(cfg.seed)
         method, data, split = build_run(cfg, show_progress)
         identity = run_identity(cfg, split)

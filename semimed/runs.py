@@ -2,7 +2,8 @@
 
 A run's identity is everything that determines its result: the config without its operational keys
 (`semimed.config.OPERATIONAL_KEYS`: name, output folder, device, loader workers, …), the split's content and the
-code version (semimed's version and git commit). Its fingerprint is a SHA-256 of the three, written to
+code version (semimed's version, git commit, a hash of its source files, and the versions of torch, timm, numpy,
+lightly and scikit-learn). Its fingerprint is a SHA-256 of the three, written to
 `<run_dir>/run.json` when the run starts and into every checkpoint. A run started in a folder that holds another
 run — another config, split or code version — stops before it writes anything, with a message that names the
 folder and what differs (`data.fraction 0.1 → 1.0`). One process writes a run folder at a time (`RunLock`).
@@ -10,6 +11,7 @@ folder and what differs (`data.fraction 0.1 → 1.0`). One process writes a run 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -55,8 +57,38 @@ def git_commit() -> str:
         return ""
 
 
+@functools.cache
+def source_sha256(package: Path = Path(__file__).parent) -> str:
+    """SHA-256 of semimed's own source files (*.py and the packaged *.yaml, paths and bytes), read once per
+    process. It catches what a commit hash does not: an edit not yet committed, or code shipped without its
+    .git folder (a Ray job's working_dir), so neither can resume or reuse a result of other code."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in package.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.cache
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that compute a result (kernels, model definitions, SSL losses)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "timm", "numpy", "lightly", "scikit-learn"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = ""
+    return out
+
+
 def code_version() -> dict[str, str]:
-    return {"semimed": __version__, "git_commit": git_commit()}
+    return {
+        "semimed": __version__,
+        "git_commit": git_commit(),
+        "source_sha256": source_sha256(),
+        **library_versions(),
+    }
 
 
 @dataclass(frozen=True)
@@ -105,13 +137,20 @@ class RunIdentity:
         if self.split_sha256 != other.split_sha256:
             out.append("the split (other images in train/val/test/labeled)")
         if self.code != other.code:
-            out.append(f"the code ({_code_text(self.code)} → {_code_text(other.code)})")
+            out.append(f"the code ({_code_changes(self.code, other.code)})")
         return out
 
 
-def _code_text(code: dict[str, str]) -> str:
-    commit = code.get("git_commit") or "no git commit"
-    return f"semimed {code.get('semimed', '?')} at {commit[:10]}"
+def _code_changes(old: dict[str, str], new: dict[str, str]) -> str:
+    """`git_commit 1a2b3c4d5e → 6f7a8b9c0d; torch 2.14.1 → 2.15.0`: the parts of the code version that differ."""
+
+    def short(value: str | None) -> str:
+        return "(none)" if not value else value[:10]
+
+    keys = sorted(set(old) | set(new))
+    return "; ".join(
+        f"{k} {short(old.get(k))} → {short(new.get(k))}" for k in keys if old.get(k) != new.get(k)
+    )
 
 
 def run_identity(cfg: Config, split: Split) -> RunIdentity:
@@ -140,7 +179,20 @@ def check_run_dir(run_dir: str | Path, identity: RunIdentity) -> bool:
             "semimed or by hand, so a resume cannot be verified; use another run name or folder."
         )
     # A folder with checkpoints only (copied in to be evaluated, or left by a run killed before it wrote its
-    # files): the checkpoints themselves carry the fingerprint, which the engine checks before resuming.
+    # files): the newest checkpoint carries the fingerprint. Checked here, before this run writes its run.json,
+    # config and split into the folder (the engine checks again when it resumes).
+    if found:
+        from semimed.engine.checkpoint import latest_checkpoint, load_checkpoint
+
+        newest = latest_checkpoint(run_dir / "checkpoints")
+        if newest is not None:
+            fingerprint = load_checkpoint(newest).get("fingerprint")
+            if fingerprint != identity.fingerprint:
+                raise SemimedError(
+                    f"{newest}: this checkpoint was written by another run (fingerprint "
+                    f"{(fingerprint or 'none')[:12]} vs {identity.fingerprint[:12]}: another config, split or code "
+                    f"version); {run_dir} is left as it is. Start the run under another name, or delete that folder."
+                )
     return bool(found)
 
 
@@ -196,10 +248,10 @@ class RunLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            try:
+            # A failed refresh (a network filesystem's hiccup) is retried at the next beat: giving up would let
+            # the lock of a live holder look stale to other hosts after STALE_AFTER_S.
+            with contextlib.suppress(OSError):
                 os.utime(self.path)
-            except OSError:
-                return
 
     def _holder(self) -> str:
         try:

@@ -14,10 +14,18 @@ data set with every row repeated that many times (tests/test_report.py checks th
 
 Paired comparisons reuse the same patient counts for both trials of a seed (`patient_counts` depends only on the
 key and the number of patients), so arm and control are resampled identically.
+
+Seeds that share one test set (an official split: MedMNIST, ChestX-ray14's official lists) share its sampling
+error too: a hard patient is hard for every seed. A replicate then draws ONE patient resample and applies it to
+every seed it draws (`seed_bootstrap(..., shared_test_set=True)`); the key is the test set's identity
+(`test_set_key`), not the seed. Independent resamples per seed would average that error away over n seeds and
+shrink the interval by up to sqrt(n). Seeds with their own test sets (BreakHis, whose patient split follows the
+seed) are resampled independently, as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -270,7 +278,11 @@ class Interval:
 
 
 def seed_bootstrap(
-    values: np.ndarray, replicates: np.ndarray | None, n_boot: int = N_BOOT, seed: int = 0
+    values: np.ndarray,
+    replicates: np.ndarray | None,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    shared_test_set: bool = False,
 ) -> Interval:
     """95% percentile interval of the mean over seeds.
 
@@ -279,9 +291,11 @@ def seed_bootstrap(
         replicates: float [n, n_boot] the per-seed metric on patient resamples (`metric_replicates`), or None.
         n_boot: number of replicates B.
         seed: the generator's seed; the same inputs give the same interval.
+        shared_test_set: every seed was tested on the same rows, and `replicates` column b is the same patient
+            resample for every seed (`test_set_key`): replicate b then uses resample b for all its slots.
 
-    Replicate b draws n seeds with replacement; slot j of it takes patient resample (b + j * B // n) mod B of its
-    seed, so a seed drawn twice in one replicate gets two different patient resamples.
+    Replicate b draws n seeds with replacement; with separate test sets, slot j of it takes patient resample
+    (b + j * B // n) mod B of its seed, so a seed drawn twice in one replicate gets two different resamples.
     """
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
@@ -295,7 +309,8 @@ def seed_bootstrap(
         replicates = np.asarray(replicates, dtype=np.float64)
         if replicates.shape != (n, n_boot):
             raise SemimedError(f"replicates must be [{n}, {n_boot}], got {replicates.shape}")
-        column = (np.arange(n_boot)[:, None] + np.arange(n)[None, :] * (n_boot // n)) % n_boot
+        offset = 0 if shared_test_set else n_boot // n
+        column = (np.arange(n_boot)[:, None] + np.arange(n)[None, :] * offset) % n_boot
         boot, method = _nanmean(replicates[pick, column], axis=1), "seeds×patients"
     boot = boot[np.isfinite(boot)]
     if boot.size == 0:
@@ -336,6 +351,21 @@ class Replicates:
         return np.array_equal(self.rows, other.rows) and np.array_equal(self.patients, other.patients)
 
 
+def test_set_key(pred: Predictions) -> int:
+    """A number that identifies the test set (its rows and patients): the patient-resample key, so that every
+    trial on the same test set, whatever its seed, draws the same resamples."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(pred.rows, dtype=np.int64).tobytes())
+    digest.update("\0".join(map(str, pred.patients[pred.patient])).encode())
+    return int.from_bytes(digest.digest()[:4], "little")
+
+
+def one_test_set(replicates: Sequence[Replicates | None]) -> bool:
+    """Whether all of a cell's seeds were tested on the same rows and patients."""
+    present = [r for r in replicates if r is not None]
+    return bool(present) and all(present[0].same_test_set(r) for r in present[1:])
+
+
 def stack(replicates: Sequence[Replicates | None], metric: str) -> np.ndarray | None:
     """[n, n_boot] replicates of `metric` over a cell's seeds, or None if a seed has none (no predictions)."""
     if not replicates or any(r is None or metric not in r.values for r in replicates):
@@ -344,12 +374,16 @@ def stack(replicates: Sequence[Replicates | None], metric: str) -> np.ndarray | 
 
 
 def summary(
-    values: Sequence[float], replicates: np.ndarray | None, n_boot: int = N_BOOT, seed: int = 0
+    values: Sequence[float],
+    replicates: np.ndarray | None,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    shared_test_set: bool = False,
 ) -> dict:
     """mean and std (ddof 1) over seeds of the per-seed values, their 95% bootstrap interval (`seed_bootstrap`),
     n and the interval's method."""
     v = np.asarray(values, dtype=np.float64)
-    interval = seed_bootstrap(v, replicates, n_boot, seed)
+    interval = seed_bootstrap(v, replicates, n_boot, seed, shared_test_set)
     return {
         "mean": float(v.mean()) if len(v) else np.nan,
         "std": float(v.std(ddof=1)) if len(v) > 1 else np.nan,

@@ -314,6 +314,15 @@ def close_bar() -> None:
 
 
 def _error_of(trial) -> BaseException | None:
+    """The trial's latest error. Tune writes it to the trial's local folder first and reads it back from the
+    experiment's storage, which it syncs later: at `on_trial_recover` only the local copy exists yet."""
+    with contextlib.suppress(Exception):
+        local = trial.pickled_error_file
+        if local and os.path.exists(local):
+            import cloudpickle  # Ray's dependency; Tune pickles trial errors with it
+
+            with open(local, "rb") as handle:
+                return cloudpickle.load(handle)
     with contextlib.suppress(Exception):
         return trial.get_pickled_error() or trial.get_error()
     return None

@@ -16,18 +16,39 @@ from semimed.models.backbones import create_backbone
 def test_alignment_by_hand() -> None:
     align = DistributionAlignment(2, momentum=0.5)
     align.set_target([1, 3])  # labeled prior (0.25, 0.75)
-    probs = torch.tensor([[0.9, 0.1], [0.7, 0.3]])
-    out = align(probs)
-    # p_model = 0.5 * (0.5, 0.5) + 0.5 * mean(probs) = 0.5 * (0.5, 0.5) + 0.5 * (0.8, 0.2) = (0.65, 0.35)
+    first = torch.tensor([[0.9, 0.1], [0.7, 0.3]])
+    out = align(first)
+    # The first batch sets p_model to its mean (0.8, 0.2): no uniform start to average away.
+    assert align.p_model.tolist() == pytest.approx([0.8, 0.2])
+    expected = first * torch.tensor([0.25 / 0.8, 0.75 / 0.2])
+    torch.testing.assert_close(out, expected / expected.sum(dim=1, keepdim=True))
+    assert out[0].tolist() == pytest.approx([0.4286, 0.5714], abs=1e-3)  # (0.28125, 0.375) renormalized
+    second = torch.tensor([[0.6, 0.4], [0.4, 0.6]])
+    out = align(second)
+    # then the running mean: 0.5 * (0.8, 0.2) + 0.5 * (0.5, 0.5) = (0.65, 0.35)
     assert align.p_model.tolist() == pytest.approx([0.65, 0.35])
-    ratio = torch.tensor([0.25 / 0.65, 0.75 / 0.35])
-    expected = probs * ratio
-    expected = expected / expected.sum(dim=1, keepdim=True)  # row 0: (0.346, 0.214) -> (0.618, 0.382)
-    torch.testing.assert_close(out, expected)
-    assert out[0].tolist() == pytest.approx([0.6180, 0.3820], abs=1e-3)
-    assert align.state_dict()["p_model"].tolist() == pytest.approx([0.65, 0.35])  # checkpointed
-    align.set_target([0, 0])  # no labeled image counted: the uniform prior stays
+    expected = second * torch.tensor([0.25 / 0.65, 0.75 / 0.35])
+    torch.testing.assert_close(out, expected / expected.sum(dim=1, keepdim=True))
+    state = align.state_dict()  # checkpointed, the start included: a resumed run does not restart the mean
+    assert state["p_model"].tolist() == pytest.approx([0.65, 0.35]) and bool(state["started"])
+    align.set_target([0, 0])  # no labeled image counted: the prior stays
     assert align.p_target.tolist() == pytest.approx([0.25, 0.75])
+
+
+def test_alignment_raises_the_minority_class_from_the_first_step() -> None:
+    """A network whose predictions lean to the majority class more than the labeled prior does gets its
+    minority-class probabilities raised, from the first step on. With p_model starting uniform (momentum
+    0.999, 82% of the start left after 200 steps) the rescaling was about the prior itself and LOWERED the
+    minority class for the whole of a short run."""
+    align = DistributionAlignment(2)  # the default momentum 0.999
+    align.set_target([27, 73])  # BreastMNIST-like: 27% malignant
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        minority = 0.15 + 0.05 * torch.rand(64, generator=generator)  # mean prediction ~(0.175, 0.825)
+        probs = torch.stack([minority, 1 - minority], dim=1)
+        out = align(probs)
+        assert float(out[:, 0].mean()) > float(probs[:, 0].mean())  # raised toward the 0.27 prior
+    assert float(out[:, 0].mean()) == pytest.approx(0.27, abs=0.03)
 
 
 @pytest.mark.parametrize("name", ["pseudo_label", "fixmatch", "flexmatch"])

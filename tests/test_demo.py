@@ -387,6 +387,30 @@ def test_trial_lines_and_quiet_output(tmp_path, capfd, monkeypatch):
     assert (again.keys, again.total, again.done) == (lines.keys, 3, 0)
 
 
+def test_a_retry_line_names_the_error_before_tune_syncs_it_to_storage(tmp_path, capfd):
+    """A retried trial printed "unknown error (see the log)": at `on_trial_recover` Tune has written the error
+    to the trial's local folder only, and reading it back from the experiment's storage failed."""
+    import cloudpickle
+
+    from semimed import sweep_progress as sp
+    from semimed.errors import SemimedError
+
+    local = tmp_path / "error.pkl"
+    local.write_bytes(cloudpickle.dumps(SemimedError("/cache/pretrain/simclr-x holds another run")))
+
+    def not_in_storage_yet():
+        raise FileNotFoundError("experiment storage has no error.pkl yet")
+
+    trial = _trial(0, 0.25)
+    trial.pickled_error_file = str(local)
+    trial.get_pickled_error = trial.get_error = not_in_storage_yet
+    sp.TrialLines(["method", "data.fraction", "seed"], total=1).on_trial_recover(0, [trial], trial)
+    assert capfd.readouterr().out.splitlines() == [
+        "retry  method=fixmatch fraction=0.25 seed=0: SemimedError: /cache/pretrain/simclr-x holds another run"
+        " (it resumes from its checkpoint)"
+    ]
+
+
 def test_quiet_output_shows_the_log_tail_when_the_sweep_fails(tmp_path, capfd):
     from semimed import sweep_progress as sp
 

@@ -130,3 +130,18 @@ def test_the_export_is_the_average_not_the_raw_weights(demo_roots, tmp_path: Pat
     assert any(not torch.equal(exported[k], raw[k]) for k in trained)
     # BatchNorm statistics are the network's own (not averaged).
     assert all(torch.equal(exported[k], raw[k]) for k in raw if "running_" in k)
+
+
+def test_ema_with_a_method_that_evaluates_another_network_is_refused_at_config_load() -> None:
+    """Mean Teacher evaluates its teacher, which the method updates itself: train.ema averaged the student (not
+    evaluated) and the report said "teacher (EMA 0.999)" of numbers no EMA had touched."""
+    from semimed.experiment import check_config
+
+    teacher = load_config(None, ["method.name=mean_teacher", "train.ema=0.999"])
+    with pytest.raises(SemimedError, match=r"train.ema=0.999 .* mean_teacher evaluates another network"):
+        check_config(teacher)
+    student = load_config(
+        None, ["method.name=mean_teacher", "method.params.evaluate_teacher=false", "train.ema=0.999"]
+    )
+    check_config(student)  # the student is trained by the optimizer: its EMA is what is evaluated
+    check_config(load_config(None, ["method.name=fixmatch", "train.ema=0.999"]))

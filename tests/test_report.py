@@ -314,6 +314,30 @@ def test_bootstrap_is_deterministic(tmp_path):
     assert not np.allclose(first["ci95_low"].fillna(0), other["ci95_low"].fillna(0))
 
 
+def test_seeds_on_one_test_set_share_its_patient_resamples(tmp_path):
+    """Five seeds with the same predictions on one official test set are one test set's worth of evidence: the
+    interval is that test set's patient-bootstrap interval. Resampling the patients independently per seed
+    averaged the test set's sampling error away and shrank the interval by ~sqrt(5) (too many verdicts)."""
+    import shutil
+
+    from semimed import stats
+    from semimed.report import collect_trials, group_studies, summarize
+
+    first = write_trial(tmp_path, "sup_0", seed=0, skill=0.7, n_patients=40)
+    for seed in range(1, 5):
+        run = write_trial(tmp_path, f"sup_{seed}", seed=seed, skill=0.7, n_patients=40)
+        for name in ("predictions.parquet", "metrics.json"):  # seed 0's scores: only the seed differs
+            shutil.copy(first / name, run / name)
+    (study,), _ = group_studies(collect_trials(tmp_path).trials)
+    row = rows(summarize([study], n_boot=2000), arm="supervised", metric="roc_auc").iloc[0]
+    pred = stats.Predictions.read(first / "predictions.parquet")
+    single = np.percentile(
+        stats.metric_replicates(pred, ["roc_auc"], key=[99], n_boot=2000)["roc_auc"], [2.5, 97.5]
+    )
+    width, single_width = row["ci95_high"] - row["ci95_low"], single[1] - single[0]
+    assert row["n"] == 5 and width == pytest.approx(single_width, rel=0.15), (width, single_width)
+
+
 def test_seed_bootstrap_and_verdict_values():
     from semimed import stats
 

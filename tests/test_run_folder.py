@@ -122,13 +122,52 @@ def test_a_checkpoint_of_another_run_is_never_resumed(finished, demo_roots, tmp_
         run_training(config(demo_roots, "data.fraction=1.0"), tmp_path / "new", resume_from=checkpoint)
 
 
+def test_a_folder_of_another_runs_checkpoints_only_is_refused_and_changes_nothing(
+    finished, demo_roots, tmp_path: Path
+) -> None:
+    """Checkpoints copied into a folder (or left by a run killed before it wrote its files): a run of another
+    config wrote its run.json, config and split into the folder before the engine refused the checkpoint, so
+    the folder then claimed to be the new run and its owner's config was refused from it."""
+    import shutil
+
+    folder = tmp_path / "copied"
+    shutil.copytree(finished["folder"] / "checkpoints", folder / "checkpoints")
+    before = snapshot(folder)
+    with pytest.raises(SemimedError, match=r"written by another run .* is left as it is"):
+        run_training(config(demo_roots, "data.fraction=1.0"), folder, show_progress=False)
+    assert snapshot(folder) == before
+    resumed = run_training(finished["cfg"], folder, show_progress=False)  # its own run still resumes it
+    assert resumed["resumed_from_step"] == 8
+
+
 def test_another_code_version_is_refused(finished, demo_roots, tmp_path: Path) -> None:
     folder = tmp_path / "run"
     run_training(config(demo_roots, "train.steps=2"), folder, show_progress=False)
     identity = json.loads((folder / RUN_FILE).read_text())
     identity["code"]["git_commit"] = "0123456789abcdef"
     (folder / RUN_FILE).write_text(json.dumps(identity))
-    with pytest.raises(SemimedError, match=r"the code \(semimed .* at 0123456789"):
+    with pytest.raises(SemimedError, match=r"the code \(git_commit 0123456789 → "):
+        run_training(config(demo_roots, "train.steps=2"), folder, show_progress=False)
+
+
+def test_an_uncommitted_edit_is_another_code_version(demo_roots, tmp_path: Path) -> None:
+    """The git commit alone missed an edit not yet committed (and code shipped without .git): a run or a cached
+    pretraining of the old code was resumed/reused by the new one. The source files' hash is in the identity."""
+    package = tmp_path / "pkg"
+    (package / "methods").mkdir(parents=True)
+    (package / "methods" / "simclr.py").write_text("temperature = 0.5\n")
+    before = runs.source_sha256(package)
+    (package / "methods" / "simclr.py").write_text("temperature = 0.1\n")
+    runs.source_sha256.cache_clear()  # a new process would read the files again
+    assert runs.source_sha256(package) != before
+    assert runs.code_version()["source_sha256"] == runs.source_sha256()  # the installed package's
+
+    folder = tmp_path / "run"
+    run_training(config(demo_roots, "train.steps=2"), folder, show_progress=False)
+    identity = json.loads((folder / RUN_FILE).read_text())
+    identity["code"]["source_sha256"] = before
+    (folder / RUN_FILE).write_text(json.dumps(identity))
+    with pytest.raises(SemimedError, match=r"the code \(source_sha256 [0-9a-f]{10} → [0-9a-f]{10}\)"):
         run_training(config(demo_roots, "train.steps=2"), folder, show_progress=False)
 
 

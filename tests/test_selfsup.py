@@ -179,6 +179,8 @@ def _identity(cfg):
         (["pretrain.params.temp=0.1"], r"unknown parameter\(s\) temp for method 'simclr'"),
         (["model.pretrained_checkpoint=/x"], "pretrain.method and model.pretrained"),
         (["method.name=byol"], "pretrain.method is for a run that fine-tunes a classifier"),
+        # Every DDP rank would wait for the pretraining lock that another rank holds inside a collective.
+        (["scaling.num_workers=2"], r"pretrain.method with scaling.num_workers=2 \(DDP\) is not supported"),
     ],
 )
 def test_bad_pretraining_settings_are_named(demo_roots, tmp_path: Path, overrides, message) -> None:

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Few-label learning lab for medical images: patient-disjoint splits, nested label fractions, "
         "a matched supervised control, semi-supervised methods, Ray Train/Tune sweeps, reports with paired "
         "confidence intervals.",
-        epilog="First steps: `semimed demo` (real BreastMNIST images, ~5 min on 2 cores), then "
+        epilog="First steps: `semimed demo` (real BreastMNIST images, ~2 min on 2 idle cores), then "
         "`semimed config --defaults`, `semimed train configs/breastmnist_fixmatch.yaml --local`. "
         "`semimed COMMAND --help` describes each command.",
     )

@@ -153,7 +153,7 @@ def _add_concurrency_arguments(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         help="trials at once (overrides the search space's max_concurrent_trials; default: what the cluster "
-        "fits, see --cluster-config; --dry-run prints the plan)",
+        "fits, see --cluster-config; `semimed sweep ... --dry-run` prints the plan)",
     )
     p.add_argument(
         "--cluster-config",
@@ -261,7 +261,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         help="a small label-fraction study on real images (packaged BreastMNIST) on a local Ray, with its report",
         description="Supervised control vs FixMatch and Mean Teacher on BreastMNIST (MedMNIST v2, CC BY 4.0; "
         "shipped with semimed, no download) at 3 label fractions x 3 seeds, then the report with paired "
-        "verdicts. About 5 minutes on 2 CPU cores. The previous demo's experiment folder is replaced.",
+        "verdicts. About 2 minutes on 2 idle CPU cores (longer on a busy machine). The previous demo's experiment folder is replaced.",
     )
     p.add_argument("--out", default="semimed_demo", help="folder for the demo's data cache and results")
     p.add_argument("--storage", default=None, help="results root (default: <out>/results)")

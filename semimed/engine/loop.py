@@ -244,6 +244,10 @@ class _Run:
             # the same random crops as an uninterrupted one (exact with loader_workers=0). Restored after the
             # loaders are built, because creating a loader iterator draws from the same generator.
             torch.set_rng_state(state["torch_rng"])
+            if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(
+                    state["cuda_rng"], self.device
+                )  # GAN-SSL's noise, dropout on the GPU
         self.evaluator = Evaluator(
             method,
             data,
@@ -287,6 +291,7 @@ class _Run:
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "best": self.evaluator.best.to_dict(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "fingerprint": self.fingerprint,
             }
             self.last_checkpoint = str(save_checkpoint(state, self.run_dir / "checkpoints", done))

@@ -145,6 +145,12 @@ class Method(nn.Module):
         """A word for the report: which network the test metrics come from."""
         return "model"
 
+    @classmethod
+    def evaluates_trained_weights(cls, params: dict[str, Any]) -> bool:
+        """Whether `predict` runs the weights the engine's optimizers train (what `train.ema` averages).
+        Checked at config load with the method's params: False makes `train.ema` an error, not a no-op."""
+        return True
+
     # ------------------------------------------------------------------------------------- how it is updated
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The engine optimizer's parameter groups; `lr_scale` multiplies the base LR (fine-tuning uses it)."""

@@ -250,7 +250,12 @@ class DistributionAlignment(nn.Module):
     predictions on unlabeled images and p_target the labeled class distribution (uniform until `setup` gives
     the counts). On an imbalanced set the network's predictions lean to the majority class; alignment pulls
     their average back to the labeled prior, so the minority class gets its share of pseudo-labels.
-    Single-label only. Both distributions are buffers (p_model is checkpointed, so resume is exact).
+
+    p_model starts at the first batch's mean prediction (as USB's DistAlignEMAHook does), not at the uniform
+    distribution: with momentum 0.999 a uniform start would still weigh 82% after 200 steps, and p_target /
+    uniform is the prior itself, which pushes predictions TOWARD the majority class — the opposite of the aim.
+    Under DDP the batch mean is averaged over ranks, so every rank holds the same p_model (rank 0's is saved).
+    Single-label only. Both distributions and the `started` flag are buffers (checkpointed: resume is exact).
     """
 
     def __init__(self, num_classes: int, momentum: float = 0.999) -> None:
@@ -258,6 +263,7 @@ class DistributionAlignment(nn.Module):
         self.momentum = momentum
         self.register_buffer("p_target", torch.full((num_classes,), 1.0 / num_classes))
         self.register_buffer("p_model", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
 
     def set_target(self, class_counts: Sequence[float]) -> None:
         counts = torch.as_tensor(list(class_counts), dtype=torch.float32)
@@ -267,7 +273,15 @@ class DistributionAlignment(nn.Module):
     @torch.no_grad()
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         """Update p_model with this batch's mean prediction, then align `probs` [N, K] (rows sum to 1)."""
-        self.p_model.mul_(self.momentum).add_(probs.float().mean(dim=0), alpha=1.0 - self.momentum)
+        batch_mean = probs.float().mean(dim=0)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch_mean)
+            batch_mean /= torch.distributed.get_world_size()
+        if bool(self.started):
+            self.p_model.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
+        else:
+            self.p_model.copy_(batch_mean)
+            self.started.fill_(True)
         aligned = probs.float() * (self.p_target / self.p_model.clamp(min=1e-6))
         return aligned / aligned.sum(dim=1, keepdim=True)
 

@@ -5,6 +5,7 @@ teacher whose weights are an exponential moving average (EMA) of the student's."
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,6 +114,12 @@ class MeanTeacher(Method):
 
     def evaluated_model(self) -> str:
         return "teacher" if self.evaluate_teacher else "student"
+
+    @classmethod
+    def evaluates_trained_weights(cls, params: dict[str, Any]) -> bool:
+        # The teacher is updated from the student by the method, not by an optimizer: train.ema would average
+        # the student, which is not evaluated, and the report would still say "EMA".
+        return not params.get("evaluate_teacher", True)
 
     def networks(self):
         yield self.model

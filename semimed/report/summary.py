@@ -96,7 +96,8 @@ def _replicates(trial: Trial, names: list[str], n_boot: int, seed: int) -> stats
                 f"trial {trial.name}: test/{metric} {trial.value(f'test/{metric}'):.6f} in metrics.json, {value:.6f} "
                 "from predictions.parquet"
             )
-    return stats.Replicates.of(pred, wanted, [seed, *trial.replicate], n_boot)
+    # Keyed by the test set, not the seed: trials on one test set draw the same patient resamples (stats.py).
+    return stats.Replicates.of(pred, wanted, [seed, stats.test_set_key(pred)], n_boot)
 
 
 def _by_seed(trials: list[Trial]) -> dict[tuple[int, int], Trial]:
@@ -142,12 +143,15 @@ def summarize(studies: list[Study], n_boot: int = stats.N_BOOT, seed: int = 0) -
                 for metric in names:
                     for prefix, suffix in (("test", ""), ("test_last", "@last")):
                         kept = [t for t in cell.values() if np.isfinite(t.value(f"{prefix}/{metric}"))]
-                        boot = (
-                            stats.stack([reps[t.name] for t in kept], metric)
-                            if not suffix or last_only
-                            else None
+                        kept_reps = [reps[t.name] for t in kept]
+                        boot = stats.stack(kept_reps, metric) if not suffix or last_only else None
+                        row = stats.summary(
+                            [t.value(f"{prefix}/{metric}") for t in kept],
+                            boot,
+                            n_boot,
+                            seed,
+                            stats.one_test_set(kept_reps),
                         )
-                        row = stats.summary([t.value(f"{prefix}/{metric}") for t in kept], boot, n_boot, seed)
                         rows.append({**base, "metric": metric + suffix, **row})
                 if arm in study.control:  # not a control itself
                     control = cells.get(study.control[arm] or "", {})
@@ -180,7 +184,8 @@ def _paired(
             stats.stack([reps[t.name] for _, t in kept], metric),
         )
         boot = arm - ctl if arm is not None and ctl is not None else None
-        row = stats.summary([a.value(col) - c.value(col) for a, c in kept], boot, n_boot, seed)
+        shared = stats.one_test_set([reps[t.name] for t, _ in kept])  # the control's rows equal the arm's
+        row = stats.summary([a.value(col) - c.value(col) for a, c in kept], boot, n_boot, seed, shared)
         row["verdict"] = stats.verdict(row["ci95_low"], row["ci95_high"], row["n"]) if row["n"] else ""
         rows.append({**base, "metric": f"{metric}-vs-control", **row})
     return rows

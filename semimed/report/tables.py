@@ -19,7 +19,8 @@ from semimed.report.trials import Study, Trial, TrialSet, canon, collect_trials,
 
 LEGEND = (
     "Cells: mean ± std over seeds [95% bootstrap interval] n = seeds. The interval resamples seeds and, within a "
-    "seed, the test set's patients (per-image predictions); it stays inside the metric's range. ‡ the interval "
+    "seed, the test set's patients (per-image predictions; seeds tested on one test set share each patient "
+    "resample, so its sampling error is not averaged away); it stays inside the metric's range. ‡ the interval "
     "resamples seeds only (no per-image predictions). † fewer than 3 seeds: the interval understates the "
     "seed-to-seed spread. (last: …) the last checkpoint's mean, beside numbers from a checkpoint selected on val. "
     "Paired differences: arm − matched control (plain supervised, otherwise the same settings) on the seeds both "
