@@ -222,11 +222,8 @@ def run_training(
     # covers the training GPU's generator too: a pretraining run inside this one (pretrain.method) reseeds
     # it, and the fine-tune must draw the same whether the pretraining ran here or came from the cache.
     device = resolve_device(cfg.train.device)
-    gpus = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
-        if device.type == "cuda"
-        else []
-    )
+    on_gpu = device.type == "cuda" and torch.cuda.is_available()  # else the engine says why it cannot run
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if on_gpu else []
     with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(cfg.seed)
         method, data, split = build_run(cfg, show_progress)

@@ -261,7 +261,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         help="a small label-fraction study on real images (packaged BreastMNIST) on a local Ray, with its report",
         description="Supervised control vs FixMatch and Mean Teacher on BreastMNIST (MedMNIST v2, CC BY 4.0; "
         "shipped with semimed, no download) at 3 label fractions x 3 seeds, then the report with paired "
-        "verdicts. About 2 minutes on 2 idle CPU cores (longer on a busy machine). The previous demo's experiment folder is replaced.",
+        "verdicts. About 2 minutes on 2 idle CPU cores (longer on a busy machine). The previous demo's "
+        "experiment folder is replaced.",
     )
     p.add_argument("--out", default="semimed_demo", help="folder for the demo's data cache and results")
     p.add_argument("--storage", default=None, help="results root (default: <out>/results)")

@@ -244,10 +244,9 @@ class _Run:
             # the same random crops as an uninterrupted one (exact with loader_workers=0). Restored after the
             # loaders are built, because creating a loader iterator draws from the same generator.
             torch.set_rng_state(state["torch_rng"])
+            # The GPU's generator too (GAN-SSL's noise, dropout and device-side draws on a CUDA run).
             if self.device.type == "cuda" and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(
-                    state["cuda_rng"], self.device
-                )  # GAN-SSL's noise, dropout on the GPU
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.evaluator = Evaluator(
             method,
             data,
