@@ -122,7 +122,7 @@ class _Files:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("SEMIMED_SAMPLE_DATA", "/work/shared/data"))
+    parser.add_argument("--data", default=os.environ.get("SEMIMED_SAMPLE_DATA", ""))
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per measurement")
@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="also write the numbers here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if not args.data:
+        parser.error("give --data (the sample data folder) or set SEMIMED_SAMPLE_DATA")
     data = Path(args.data)
     groups = {name: value for name, value in _groups(data).items() if value[0]}
     if not groups:

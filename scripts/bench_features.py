@@ -77,12 +77,14 @@ def load() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get("SEMIMED_SAMPLE_DATA", "/work/shared/data"))
+    parser.add_argument("--data", default=os.environ.get("SEMIMED_SAMPLE_DATA", ""))
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--workers", type=int, default=default_workers(), help="processes for the N-core run")
     parser.add_argument("--repeat", type=int, default=2, help="passes over the sample's images")
     args = parser.parse_args()
 
+    if not args.data:
+        parser.error("give --data (the sample data folder) or set SEMIMED_SAMPLE_DATA")
     dataset = load_dataset(DataConfig(dataset="breakhis", root=str(Path(args.data) / "breakhis")))
     with tempfile.TemporaryDirectory() as cache, warnings.catch_warnings():
         warnings.simplefilter("ignore")
