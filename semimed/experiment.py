@@ -221,9 +221,10 @@ def run_training(
     # the caller's global RNG state is left as it was (splits use their own explicit generators). The fork
     # covers the training GPU's generator too: a pretraining run inside this one (pretrain.method) reseeds
     # it, and the fine-tune must draw the same whether the pretraining ran here or came from the cache.
-    device = resolve_device(cfg.train.device)
-    on_gpu = device.type == "cuda" and torch.cuda.is_available()  # else the engine says why it cannot run
-    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if on_gpu else []
+    # `device`, when given, is the caller's (a Ray Train worker's own GPU); it is what `fit` trains on.
+    training = device if device is not None else resolve_device(cfg.train.device)
+    on_gpu = training.type == "cuda" and torch.cuda.is_available()  # else the engine says why it cannot run
+    gpus = [training.index if training.index is not None else torch.cuda.current_device()] if on_gpu else []
     with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(cfg.seed)
         method, data, split = build_run(cfg, show_progress)

@@ -189,6 +189,19 @@ def test_a_commit_made_while_a_process_runs_does_not_change_its_code_version(mon
         forget()  # later tests read the real checkout again
 
 
+def test_the_callers_device_is_the_one_trained_on(demo_roots, tmp_path: Path) -> None:
+    """A Ray Train worker passes its own device (cuda:<local rank>); seeding the run's GPU generator replaced it
+    with train.device resolved again ("cuda" = GPU 0 for every rank). Here: train.device=cuda on a machine
+    that trains on the CPU it was handed."""
+    final = run_training(
+        config(demo_roots, "train.steps=2", "train.device=cuda"),
+        tmp_path / "run",
+        device=torch.device("cpu"),
+        show_progress=False,
+    )
+    assert final["step"] == 2
+
+
 def test_results_without_an_identity_are_not_resumed(demo_roots, tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(SemimedError, match=f"without a run identity \\({RUN_FILE}\\)"):
