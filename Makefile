@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@{ export PIP_DISABLE_PIP_VERSION_CHECK=1; \
 	   $(BIN)/python -m pip install --upgrade pip \
 	   && $(BIN)/python -m pip install "torch==2.14.1" "torchvision==0.29.1" \
-	   && $(BIN)/python -m pip install -e ".[dev]"; } >$(INSTALL_LOG) 2>&1 \
+	   && $(BIN)/python -m pip install -e ".[dev,all]"; } >$(INSTALL_LOG) 2>&1 \
 	|| { grep -v "^WARNING: Location .* is ignored" $(INSTALL_LOG) | tail -n 40; \
 	     echo "make: the install failed; the whole log is $(INSTALL_LOG)"; exit 1; }
 	@touch $(STAMP)

@@ -172,6 +172,7 @@ def semimed_overrides(args: argparse.Namespace) -> list[str]:
     return [
         "data.dataset=medmnist",
         f"data.root={args.npz}",
+        f"data.positive_class={args.positive_class}",
         f"data.image_size={args.image_size}",
         f"data.fraction={args.fraction}",
         f"data.cache_dir={Path(args.work) / 'cache'}",
@@ -250,6 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--npz", default="", help="a MedMNIST .npz (default: synthetic 28-px images)")
+    parser.add_argument(
+        "--positive-class",
+        default="",
+        help="data.positive_class, for an npz that declares none (synthetic: class_1)",
+    )
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -282,13 +288,16 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_plain_") as work:
         args.work = work
         if not args.npz:
+            args.positive_class = (
+                args.positive_class or "class_1"
+            )  # two unnamed classes: say which is positive
             args.npz = str(
                 synthetic_npz(
                     Path(work) / "synthetic.npz", args.image_size, 1000 if not args.smoke_test else 64
                 )
             )
         args.passthrough = [
-            "--npz", args.npz, "--backbone", args.backbone, "--image-size", str(args.image_size),
+            "--npz", args.npz, "--positive-class", args.positive_class, "--backbone", args.backbone, "--image-size", str(args.image_size),
             "--batch-size", str(args.batch_size), "--mu", str(args.mu), "--fraction", str(args.fraction),
             "--seed", str(args.seed), "--work", work, *(["--sections"] if args.sections else []),
         ]  # fmt: skip

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 import yaml
 
@@ -40,6 +42,28 @@ def choices(*names: str, default: str) -> Any:
     return field(default=default, metadata={"choices": names})
 
 
+def check_device(name: str, key: str = "train.device") -> None:
+    """Raise, naming `key`, unless `name` (auto | cpu | cuda | cuda:N) is a device this machine has. Called
+    where the process that trains or predicts starts, before anything is written: not at config load, since a
+    config may be written on a laptop for a GPU machine (and a Ray worker gets its device from Ray)."""
+    if not re.fullmatch(DEVICE_PATTERN, name):
+        raise SemimedError(f"unknown {key} {name!r}; valid: auto, cpu, cuda, cuda:N")
+    if not name.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SemimedError(
+            f"{key}={name} but no CUDA device is available (torch.cuda.is_available() is False); "
+            f"use {key}=cpu or auto"
+        )
+    index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise SemimedError(
+            f"{key}={name} but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+        )
+
+
 def _select_metric_names() -> tuple[str, ...]:
     from semimed.metrics import SELECTABLE_METRICS
 
@@ -60,11 +84,71 @@ def _check_choices(section: Any, where: str) -> None:
             raise SemimedError(f"unknown {where}.{item.name} {value!r}; valid: {shown}")
 
 
+_INTERVAL = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^,\s\])]+)\s*([\])])")
+
+
+@functools.cache
+def _interval(text: str) -> tuple[float, float, bool, bool]:
+    """The bounds of an interval and whether each is included: "[1, inf)" -> (1.0, inf, True, False)."""
+    match = _INTERVAL.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not an interval: {text!r}")
+    opening, low, high, closing = match.groups()
+    return float(low), float(high), opening == "[", closing == "]"
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether `value` lies in `interval` ("[0, 1)", "(0, inf)", …). NaN lies in none; inf only in one
+    that includes it."""
+    low, high, with_low, with_high = _interval(interval)
+    value = float(value)
+    return (low < value or (with_low and value == low)) and (value < high or (with_high and value == high))
+
+
+def describe_interval(interval: str) -> str:
+    """An interval in words: "[1, inf)" -> ">= 1", "(0, inf)" -> "> 0", "[0, 1)" -> "in [0, 1)"."""
+    low, high, with_low, _ = _interval(interval)
+    if math.isinf(high) and not math.isinf(low):
+        return f"{'>=' if with_low else '>'} {int(low) if low.is_integer() else low}"
+    return f"in {interval}"
+
+
+def check_range(value: Any, interval: str, key: str) -> None:
+    """Raise, naming `key` and the value, unless the number `value` (each number, for a list) lies in
+    `interval`. Values that are no numbers are left to the type checks."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        if not in_interval(item, interval):
+            where = f"{key}={value!r}" + (f": {item!r}" if items is value else "")
+            finite = "" if math.isfinite(item) else "a finite number "
+            raise SemimedError(f"{where} must be {finite}{describe_interval(interval)}")
+
+
+def _check_ranges(section: Any, where: str) -> None:
+    """Each numeric field named in the section's RANGES lies in its interval (a step count of -5 or a NaN
+    learning rate fails at load, naming the key, not mid-run)."""
+    for name, interval in type(section).RANGES.items():
+        check_range(getattr(section, name), interval, f"{where}.{name}" if where else name)
+
+
+# Seeds reach numpy (non-negative only) and torch.manual_seed (< 2^64); 2^32 is the usual convention.
+SEED_RANGE = "[0, 4294967296)"
+# The smallest data.image_size: the default backbone (small_cnn, three 2x poolings) needs 8 px, and so
+# does any texture or augmentation to speak of; larger backbones need more, which build_run checks.
+MIN_IMAGE_SIZE = 8
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "breakhis"  # a name in semimed.data.DATASETS: breakhis | chestxray14 | medmnist
     root: str = ""  # dataset root (a folder, or the .npz file for medmnist)
     task: str = ""  # one of the dataset's tasks; "" = its default (breakhis: binary)
+    # A binary task's positive (disease) class by name; "" = the dataset's declared one (BreakHis and BreastMNIST:
+    # malignant; PneumoniaMNIST: pneumonia). Its sensitivity, specificity, precision, F1, ROC-AUC and AP are the
+    # headline metrics. Required for a two-class dataset that declares none; an error for other tasks.
+    positive_class: str = ""
     # The dataset's own loader options (breakhis: magnification; chestxray14: view, drop_missing), checked against
     # its options dataclass and saved with every default filled in (semimed/data/spec.py).
     options: dict[str, Any] = field(default_factory=dict)
@@ -81,8 +165,17 @@ class DataConfig:
     # code runs on the CPU). A result key: the two draw different augmentations (semimed/data/augment.py).
     augment_device: str = choices("cpu", "cuda", default="cpu")
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "image_size": f"[{MIN_IMAGE_SIZE}, inf)",
+        "fraction": "(0, 1]",
+        "split_seed": SEED_RANGE,
+        "test_fraction": "[0, 1)",
+        "val_fraction": "[0, 1)",
+    }
+
     def __post_init__(self) -> None:
         _check_choices(self, "data")
+        _check_ranges(self, "data")
         task, options = resolve_dataset(self.dataset, self.task, self.options)
         # Resolved in place (a frozen dataclass allows it only here), so the saved config says what ran.
         object.__setattr__(self, "task", task)
@@ -140,6 +233,11 @@ class ModelConfig:
     pretrained_checkpoint: str = ""
     drop_rate: float = 0.0
 
+    RANGES: ClassVar[dict[str, str]] = {"drop_rate": "[0, 1)"}
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "model")
+
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -178,8 +276,24 @@ class TrainConfig:
     # on CPU the compile costs more than it saves for small ones (docs/benchmarks.md).
     compile: bool = False
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "steps": "[1, inf)",
+        "batch_size": "[1, inf)",
+        "unlabeled_ratio": "[1, inf)",
+        "lr": "(0, inf)",
+        "weight_decay": "[0, inf)",
+        "momentum": "[0, 1)",
+        "warmup_steps": "[0, inf)",
+        "milestones": "(0, 1)",  # fractions of train.steps
+        "grad_clip": "[0, inf)",
+        "eval_every": "[1, inf)",
+        "checkpoint_every": "[1, inf)",
+        "loader_workers": "[0, inf)",
+    }
+
     def __post_init__(self) -> None:
         _check_choices(self, "train")
+        _check_ranges(self, "train")
         if not 0.0 <= self.ema < 1.0:
             raise SemimedError(f"train.ema={self.ema} must be in [0, 1) (0 = off)")
         if not re.fullmatch(DEVICE_PATTERN, self.device):
@@ -197,6 +311,11 @@ class PretrainConfig:
     lr: float = 1e-3
     params: dict[str, Any] = field(default_factory=dict)  # the method's hyperparameters (temperature, ...)
 
+    RANGES: ClassVar[dict[str, str]] = {"steps": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)"}
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "pretrain")
+
 
 @dataclass(frozen=True)
 class ScalingConfig:
@@ -205,6 +324,15 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # fractions pack several trials on one GPU
     max_failures: int = 1  # Ray Train restarts of a failed worker group; it resumes from its last checkpoint
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "num_workers": "[0, inf)",
+        "cpus_per_worker": "(0, inf)",
+        "gpus_per_worker": "[0, inf)",
+    }
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "scaling")
 
 
 @dataclass(frozen=True)
@@ -218,6 +346,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    RANGES: ClassVar[dict[str, str]] = {"seed": SEED_RANGE}
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "")
 
     @property
     def split_seed(self) -> int:
@@ -261,6 +394,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if "None" in text:
             return None
         raise SemimedError(f"config key {where!r} must not be empty")
+    if text.startswith("dict[") and not isinstance(value, dict):  # method.params=3: else it fails mid-run
+        raise SemimedError(f"{where}: expected a mapping, got {type(value).__name__}")
     try:
         if hint is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -286,7 +421,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             ):
                 raise TypeError
             return [float(v) for v in value]
-    except (TypeError, ValueError):
+        if text.startswith("list[str]"):
+            # A dataset option's names (class names, label columns): a YAML list, or "A,B" from a CLI flag or an
+            # override (`data.options.label_columns=A,B` parses as one string). Numbers in a list become text.
+            if isinstance(value, str):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            if not isinstance(value, list) or any(
+                v is None or isinstance(v, (bool, dict, list)) for v in value
+            ):
+                raise TypeError
+            return [str(v).strip() for v in value]
+    except (TypeError, ValueError, OverflowError):
         kind = getattr(hint, "__name__", text)
         raise SemimedError(f"config key {where!r}: {value!r} is not a valid {kind}") from None
     return value
@@ -329,7 +474,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise SemimedError(f"override {text!r} must look like key=value (e.g. train.steps=200)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:  # the same loader as files: a one-line alias bomb (`x=[&a [1, 1], ...]`) is refused here too
+        value = load_yaml_text(raw) if raw.strip() else ""
+    except (yaml.YAMLError, SemimedError) as exc:
+        raise SemimedError(f"override {text!r}: invalid value ({str(exc).splitlines()[0]})") from None
     if isinstance(value, str):
         # YAML 1.1 reads `1e-3` (no dot) as a string; on a command line it means a number.
         try:
@@ -358,14 +506,104 @@ def _deep_copy(values: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in values.items()}
 
 
+# A run config holds about a hundred values and a large search space a few thousand. Anchors and aliases are
+# allowed (a shared params block), but what they expand to is capped: PyYAML builds a 400-byte "billion laughs"
+# file as a small graph of shared lists, and the first deep copy, flatten or dump of the config then walks
+# 10^9 values (minutes and gigabytes) before anything is checked.
+MAX_YAML_VALUES = 100_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses, before building any value, a key given twice in one mapping (PyYAML keeps
+    the last silently: a second `train:` block would replace the first) and aliases that expand to more than
+    MAX_YAML_VALUES values or refer to themselves. Raises SemimedError (without the file name)."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node)
+        return self.construct_document(node)
+
+
+def _check_nodes(root: yaml.Node) -> None:
+    """Count the values `root` expands to (aliases once per use), memoized per node so that the count itself is
+    linear in the file; check each mapping's keys for duplicates on the way."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node, where: str) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise SemimedError(f"{_shown(where)} refers to itself through an alias")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:  # `<<: *defaults`: merged keys may be overridden, by design
+                    total += size(value_node, where)
+                    continue
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                dotted = f"{where}.{name}" if where else str(name)
+                if isinstance(key_node, yaml.ScalarNode):
+                    line, ident = key_node.start_mark.line + 1, (key_node.tag, key_node.value)
+                    if ident in first_line:
+                        raise SemimedError(
+                            f"duplicate key {dotted!r} at line {line} (first at line {first_line[ident]})"
+                        )
+                    first_line[ident] = line
+                total += size(key_node, where) + size(value_node, dotted)
+                if total > MAX_YAML_VALUES:
+                    break
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                total += size(item, f"{where}[{index}]")
+                if total > MAX_YAML_VALUES:
+                    break
+        if total > MAX_YAML_VALUES:
+            raise SemimedError(
+                f"{_shown(where)} expands to more than {MAX_YAML_VALUES:,} values through YAML "
+                "aliases (*name); a config needs a few hundred: write the values out"
+            )
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root, "")
+
+
+def _shown(where: str) -> str:
+    return f"key {where!r}" if where else "the document"
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML text -> Python values through ConfigLoader (duplicate keys and alias bombs refused)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config or search-space file as a dict; every problem is a one-line SemimedError naming the file."""
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
     except OSError as exc:
         raise SemimedError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark some Windows editors write is fine
+    except UnicodeDecodeError as exc:
+        raise SemimedError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
+    try:
+        loaded = load_yaml_text(text)
     except yaml.YAMLError as exc:
         raise SemimedError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    except SemimedError as exc:
+        raise SemimedError(f"{path}: {exc}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

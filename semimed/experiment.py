@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +29,37 @@ import numpy as np
 import torch
 
 from semimed.classical.fit import fit_closed_form, is_closed_form
-from semimed.config import Config
+from semimed.config import Config, check_device
 from semimed.data import load_dataset
 from semimed.data.augment import Normalizer
+from semimed.data.base import LabeledImageSet
 from semimed.data.cache import load_pixels
 from semimed.data.splits import Split, make_split
 from semimed.data.views import RunData
 from semimed.engine import ReportFn, fit, resolve_device
-from semimed.errors import SemimedError
+from semimed.errors import SemimedError, SemimedWarning
 from semimed.files import atomic_write_text
 from semimed.methods import Method, create_method
 from semimed.models.backbones import create_backbone
 from semimed.models.checkpoints import BACKBONE_FILE, save_backbone
 from semimed.pretrain import pretrained_backbone
-from semimed.runs import RunIdentity, RunLock, check_run_dir, git_commit, run_identity, write_identity
+from semimed.runs import (
+    METRICS_FILE,
+    RunIdentity,
+    RunLock,
+    check_run_dir,
+    finished_metrics,
+    git_commit,
+    run_identity,
+    write_identity,
+)
 
 
 def check_config(cfg: Config) -> None:
-    """What can be checked without data: names of the dataset, method (and its parameters) and backbone.
-    Sweeps call it for every trial at load time, so a typo fails before anything runs."""
+    """What can be checked without data: names of the dataset, method and backbone, the method's parameters
+    (types and ranges) and how they fit the rest of the config. The config's own values were checked when it
+    was built (semimed/config.py). `semimed train` and `semimed config` call it, and sweeps for every trial at
+    load time (`--dry-run` too), so a typo fails before anything runs or is written."""
     import timm
 
     from semimed.data import DATASETS
@@ -54,7 +68,19 @@ def check_config(cfg: Config) -> None:
 
     if cfg.data.dataset not in DATASETS:
         raise SemimedError(f"unknown data.dataset {cfg.data.dataset!r}; valid: {', '.join(DATASETS.names())}")
-    check_method(cfg.method.name, cfg.method.params)
+    method = METHODS.get(cfg.method.name)
+    method.check_with_config(check_method(cfg.method.name, cfg.method.params), cfg)
+    if method.expects_pretrained and not (
+        cfg.model.pretrained or cfg.model.pretrained_checkpoint or cfg.pretrain.method
+    ):
+        # A warning, not an error: fine-tuning from scratch is a legitimate control. Said once per process
+        # (Python's warning registry; the CLI says each message once).
+        warnings.warn(
+            f"method {cfg.method.name} without pretrained weights (model.pretrained, "
+            "model.pretrained_checkpoint or pretrain.method) fine-tunes a randomly initialized network",
+            SemimedWarning,
+            stacklevel=1,  # one location for every caller: the default filter then says it once
+        )
     if cfg.train.ema and not METHODS.get(cfg.method.name).evaluates_trained_weights(cfg.method.params):
         raise SemimedError(
             f"train.ema={cfg.train.ema:g} averages the trained weights, but {cfg.method.name} evaluates another "
@@ -80,7 +106,7 @@ def _check_pretrain(cfg: Config) -> None:
         raise SemimedError(
             f"unknown pretrain.method {name!r}; valid (methods that read no labels): {', '.join(valid)}"
         )
-    check_method(name, cfg.pretrain.params)
+    check_method(name, cfg.pretrain.params, "pretrain.params")
     if not METHODS.get(cfg.method.name).classifies or getattr(
         METHODS.get(cfg.method.name), "closed_form", False
     ):
@@ -113,6 +139,7 @@ def load_split(cfg: Config, dataset) -> Split:
                 f"{cfg.data.split_file}: split is for {split.dataset}/{split.task}, "
                 f"not {dataset.name}/{dataset.task}"
             )
+        split.check_patients(dataset, cfg.data.split_file)  # Split.load checked the parts against each other
         return split
     return make_split(
         dataset,
@@ -124,12 +151,15 @@ def load_split(cfg: Config, dataset) -> Split:
     )
 
 
-def build_run(cfg: Config, show_progress: bool = True) -> tuple[Method, RunData, Split]:
+def build_run(
+    cfg: Config, show_progress: bool = True, dataset: LabeledImageSet | None = None
+) -> tuple[Method, RunData, Split]:
     """The method, the data it reads, and the split, for `cfg` (draws the network's initial weights from torch's
-    generator: `run_training` seeds it)."""
+    generator: `run_training` seeds it). `dataset`: cfg.data already loaded (by `run_training`), else loaded."""
     check_config(cfg)  # names first: a typo should not wait for the data to load
-    dataset = load_dataset(cfg.data)
+    dataset = dataset if dataset is not None else load_dataset(cfg.data)
     split = load_split(cfg, dataset)
+    check_batch_sizes(cfg, len(split.train))
     index = split.indices(dataset)
     decoded = load_pixels(dataset, cfg.data.image_size, cfg.data.cache_dir or None)
     used = np.concatenate([index[k] for k in ("train", "val", "test")])
@@ -154,6 +184,8 @@ def build_run(cfg: Config, show_progress: bool = True) -> tuple[Method, RunData,
             cfg.data.image_size,
         )
     )
+    if model is not None:
+        _check_input_size(model, cfg, dataset.channels)
     mean, std = _normalization_stats(model, cfg)
     method = create_method(
         cfg.method.name, model, dataset.num_classes, dataset.multilabel, **cfg.method.params
@@ -168,8 +200,45 @@ def build_run(cfg: Config, show_progress: bool = True) -> tuple[Method, RunData,
         labeled_augment=cfg.train.augment,
         normalize=Normalizer(dataset.channels, mean, std),
         paths=dataset.meta["path"].to_numpy().astype(str),
+        positive=dataset.positive_index(cfg.data.positive_class),
     )
     return method, data, split
+
+
+def check_batch_sizes(cfg: Config, train_images: int) -> None:
+    """A batch cannot be larger than the training split it is drawn from: train.batch_size=100000 on a few
+    hundred images would stack the pool hundreds of times into each batch (minutes per step). Refused once
+    the split is known, before anything is decoded or written. (A batch larger than the labeled subset is
+    fine: the labeled stream repeats its images, as few-label training needs.)"""
+    if is_closed_form(cfg.method.name):  # one fit on the whole pool: no batches
+        return
+    sizes = [("train.batch_size", cfg.train.batch_size)]
+    if cfg.pretrain.method:
+        sizes.append(("pretrain.batch_size", cfg.pretrain.batch_size))
+    for key, size in sizes:
+        if size > train_images:
+            raise SemimedError(
+                f"{key}={size} is larger than the training split ({train_images} images); "
+                f"use {key} <= {train_images}"
+            )
+
+
+def _check_input_size(model: torch.nn.Module, cfg: Config, channels: int) -> None:
+    """One zero image through the new network (eval mode, no gradient: its weights, buffers and the random
+    generators are untouched), so that a data.image_size the backbone cannot take (densenet121 below 29 px,
+    a ViT below its patch) fails here with one line, not at the first step after the run folder is written."""
+    size, was_training = cfg.data.image_size, model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, size, size))
+    except (RuntimeError, ValueError, AssertionError) as exc:  # torch's size checks; timm's asserts
+        raise SemimedError(
+            f"model.backbone {cfg.model.backbone} cannot take data.image_size={size} images "
+            f"({str(exc).strip().splitlines()[0]}); use a larger data.image_size"
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def _normalization_stats(model, cfg: Config):
@@ -196,10 +265,33 @@ def environment() -> dict[str, str]:
 def prepare_run_dir(cfg: Config, run_dir: str | Path) -> RunIdentity:
     """Check, without writing, that `run_dir` is free or holds this run; returns the run's identity (what a
     Ray driver calls before it starts workers, so that a refused run fails fast and touches nothing)."""
-    dataset = load_dataset(cfg.data)
-    identity = run_identity(cfg, load_split(cfg, dataset))
+    check_config(cfg)  # the workers would only find a bad config after they made the run folder
+    identity = _identity(cfg)
     check_run_dir(run_dir, identity)
     return identity
+
+
+def _identity(cfg: Config, dataset: LabeledImageSet | None = None) -> RunIdentity:
+    """The run's identity from metadata only (dataset table, split, file stats): no pixels, no network."""
+    dataset = dataset if dataset is not None else load_dataset(cfg.data)
+    split = load_split(cfg, dataset)
+    check_batch_sizes(cfg, len(split.train))  # with the split known, before anything is built or written
+    return run_identity(cfg, split, dataset)
+
+
+def kept_results(
+    run_dir: str | Path, shown: str | Path | None = None, say: bool = True
+) -> dict[str, Any] | None:
+    """The metrics of the finished run in `run_dir` (None when unfinished), said on stderr: a finished run is
+    never trained, evaluated or written again (its data may have changed since; `shown` names the folder in
+    the message when `run_dir` is a local copy of it)."""
+    final = finished_metrics(run_dir)
+    if final is not None and say:
+        print(
+            f"semimed: run {shown or run_dir} is finished ({METRICS_FILE}); its results are kept",
+            file=sys.stderr,
+        )
+    return final
 
 
 def run_training(
@@ -214,7 +306,8 @@ def run_training(
     """Build and fit one run; returns the final metrics. `write_files` is False on non-zero DDP ranks.
 
     Resumes when `run_dir` (or `resume_from`) holds a checkpoint of this very run; refuses, before writing
-    anything, a folder that holds another run.
+    anything, a folder that holds another run (another config, split, data or code). A finished run
+    (metrics.json) is not run again: its metrics are returned and its folder is left byte for byte.
     """
     run_dir = Path(run_dir)
     # Weight init, dropout and augmentations draw from torch's generators: seed them per run, inside a fork so
@@ -222,18 +315,31 @@ def run_training(
     # covers the training GPU's generator too: a pretraining run inside this one (pretrain.method) reseeds
     # it, and the fine-tune must draw the same whether the pretraining ran here or came from the cache.
     # `device`, when given, is the caller's (a Ray Train worker's own GPU); it is what `fit` trains on.
+    if device is None:
+        check_device(cfg.train.device)  # train.device=cuda without a GPU: one line, before any folder exists
     training = device if device is not None else resolve_device(cfg.train.device)
     on_gpu = training.type == "cuda" and torch.cuda.is_available()  # else the engine says why it cannot run
     gpus = [training.index if training.index is not None else torch.cuda.current_device()] if on_gpu else []
     with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(cfg.seed)
-        method, data, split = build_run(cfg, show_progress)
-        identity = run_identity(cfg, split)
+        # The identity first, from metadata alone: a run refused from the folder, or one finished there, stops
+        # before anything is built (pixels decoded, a pretraining run, weights drawn) or written. Every rank
+        # computes it (the checkpoints carry its fingerprint); only rank 0 checks the folder and says so.
+        check_config(cfg)  # names first: a typo should not wait for the data to load
+        dataset = load_dataset(cfg.data)
+        identity = _identity(cfg, dataset)
         if write_files:
             check_run_dir(run_dir, identity)
+        kept = kept_results(run_dir, say=write_files)
+        if kept is not None:
+            return _report_kept(kept, report)
+        method, data, split = build_run(cfg, show_progress, dataset)
         with RunLock(run_dir) if write_files else contextlib.nullcontext():
             if write_files:
                 check_run_dir(run_dir, identity)  # again, now that no other process can write here
+                kept = kept_results(run_dir)  # finished by another process while this one built
+                if kept is not None:
+                    return _report_kept(kept, report)
                 write_identity(run_dir, identity)
                 cfg.save(run_dir / "config.yaml")
                 split.save(run_dir / "split.json")
@@ -257,9 +363,17 @@ def run_training(
                 if not closed_form:  # nothing to export: no network (see semimed/classical/fit.py)
                     export_backbone(method, data, cfg, run_dir, final)
                 atomic_write_text(
-                    run_dir / "metrics.json", json.dumps(_jsonable(final), indent=1, sort_keys=True)
+                    run_dir / METRICS_FILE, json.dumps(_jsonable(final), indent=1, sort_keys=True)
                 )
     return final
+
+
+def _report_kept(kept: dict[str, Any], report: ReportFn | None) -> dict[str, Any]:
+    """A kept run's results go to `report` as the final result a run reports when it ends (no checkpoint):
+    a Tune trial restored after its run finished still reports its result once."""
+    if report is not None:
+        report({**kept, "final": True}, None)
+    return kept
 
 
 def export_backbone(method: Method, data: RunData, cfg: Config, run_dir: Path, final: dict[str, Any]) -> Path:

@@ -37,6 +37,7 @@ from torch import nn
 
 from semimed.errors import SemimedError
 from semimed.files import publish, staging_path
+from semimed.optional import require
 
 GRADCAM_LAYERS: dict[str, str] = {
     "small_cnn": "features.2.5",
@@ -91,6 +92,7 @@ def gradcam(
     Returns (cams float32 [B, H, W] in [0, 1], target class per image int [B], logits [B, K]). `targets`
     defaults to each image's top-scoring class. The model is put in eval mode (BatchNorm running statistics).
     """
+    require("pytorch_grad_cam", "gradcam", "Grad-CAM (semimed explain)", "grad-cam")
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -117,6 +119,7 @@ def gradcam(
 
 def overlay(image: np.ndarray, cam: np.ndarray, weight: float = 0.5) -> np.ndarray:
     """uint8 image [C, H, W] (C = 1 or 3) + cam [H, W] in [0, 1] -> uint8 RGB [H, W, 3] (jet colormap)."""
+    require("pytorch_grad_cam", "gradcam", "Grad-CAM (semimed explain)", "grad-cam")
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     rgb = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image
@@ -147,7 +150,8 @@ def explain_run(
     exactly what `metrics.json` evaluated). Images are preprocessed as the run's evaluation did (shorter side to
     data.image_size, centre crop, the run's normalization). Writes `<out_dir or run_dir/gradcam>/<stem>_<class>
     _gradcam.png` (image | overlay, side by side; `<stem>-2`, `<stem>-3`, … when inputs share a file name) and
-    logs up to TB_IMAGES overlays to TensorBoard under `run_dir/tb` (tag gradcam).
+    logs up to TB_IMAGES overlays to TensorBoard (tag gradcam) under `tensorboard_dir(run_dir, out_dir)`: with
+    an `out_dir`, nothing is written into the run folder.
     """
     from semimed.data.augment import build_transform
     from semimed.data.base import read_image_file
@@ -158,6 +162,7 @@ def explain_run(
     run_dir = Path(run_dir)
     if not images:
         raise SemimedError("explain: no images given (--images PATH ...)")
+    out = _output_dir(Path(out_dir) if out_dir else run_dir / "gradcam")
     model, classes, multilabel, normalize, cfg, channels = load_run_model(
         run_dir, torch.device("cpu"), "explain"
     )
@@ -181,7 +186,6 @@ def explain_run(
     cams, chosen, logits = gradcam(model, normalize(pixels), target_index, layer, cfg.model.backbone)
     probs = probabilities(logits, multilabel).numpy()
 
-    out = Path(out_dir) if out_dir else run_dir / "gradcam"
     out.mkdir(parents=True, exist_ok=True)
     results, panels = [], []
     for i, (path, stem) in enumerate(zip(images, unique_stems(images), strict=True)):
@@ -204,10 +208,31 @@ def explain_run(
     if tensorboard and panels:
         from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(str(run_dir / "tb")) as writer:
+        with SummaryWriter(str(tensorboard_dir(run_dir, out_dir))) as writer:
             grid = torch.from_numpy(np.stack(panels[:TB_IMAGES])).permute(0, 3, 1, 2)
             writer.add_images("gradcam", grid, tb_step, dataformats="NCHW")
     return results
+
+
+def _output_dir(out: Path) -> Path:
+    """`out` if explain may write its overlays there: a writable folder, not inside a run's own files
+    (checkpoints/, tb/, …: `semimed.runs.RUN_OWNED`)."""
+    from semimed.files import check_output_dir
+    from semimed.runs import run_owning
+
+    owner = run_owning(out)
+    if owner is not None:
+        raise SemimedError(
+            f"explain: --out {out}: inside the files of the run {owner}, left as they are; give another folder "
+            "(default: RUN_DIR/gradcam)"
+        )
+    return check_output_dir(out, "explain: --out")
+
+
+def tensorboard_dir(run_dir: str | Path, out_dir: str | Path | None) -> Path:
+    """Where explain logs its overlays: `<out_dir>/tb` when an output folder was given (a run folder may be
+    read-only or shared, and the user asked for the output there), else the run's own `<run_dir>/tb`."""
+    return Path(out_dir) / "tb" if out_dir else Path(run_dir) / "tb"
 
 
 def unique_stems(paths: Sequence[str | Path]) -> list[str]:

@@ -3,6 +3,10 @@
 `tempfile.mkstemp` creates files with mode 0600 whatever the umask says; a result written through it would be
 private to its writer even on a group-shared results folder, while files written with `open()` follow the
 umask. Everything semimed writes goes through here so that all its files follow the umask alike.
+
+Every command checks where its output goes before it starts (`check_output_dir`, `check_output_file`):
+a file where a folder is wanted, or a folder it cannot write, is one line naming the path, not an OSError
+at the end.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+
+from semimed.errors import SemimedError
 
 
 def current_umask() -> int:
@@ -65,3 +71,42 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # it exists, owned by someone else
         return True
     return True
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself or its nearest ancestor that exists (a link counts, even a dangling one)."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def check_output_dir(path: str | Path, key: str) -> Path:
+    """`path` (expanded) if a command can make it and write into it; else one SemimedError naming `key` and the
+    path: a FILE where a folder is wanted (the path itself or a part above it), or a folder this process cannot
+    write (read-only mount, another user's). Checked before the command computes anything, so that an hour of
+    work does not end in a raw OSError when its output is written."""
+    path = Path(path).expanduser()
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+        raise SemimedError(f"{key} {path}: {where}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" ({existing}, where it would be made)"
+        raise SemimedError(f"{key} {path}: folder not writable{where}")
+    return path
+
+
+def check_output_file(path: str | Path, key: str) -> Path:
+    """`path` (expanded) if a command can write that FILE (replacing it); else one SemimedError naming `key` and
+    the path: a folder where a file is wanted, or a parent that is a file or not writable."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise SemimedError(f"{key} {path}: is a folder; give a file name (e.g. {path / 'out'}…)")
+    parent = path.parent
+    existing = _nearest_existing(parent)
+    if not existing.is_dir():
+        raise SemimedError(f"{key} {path}: cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SemimedError(f"{key} {path}: cannot be written: folder {existing} is not writable")
+    return path

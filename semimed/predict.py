@@ -100,7 +100,7 @@ def load_run_model(run_dir: Path, device: torch.device, purpose: str = "predict"
     return model, list(classes), multilabel, Normalizer(channels, mean, std), cfg, channels
 
 
-def _thresholds(run_dir: Path, classes: list[str]) -> np.ndarray:
+def run_thresholds(run_dir: Path, classes: list[str]) -> np.ndarray:
     """The run's multi-label decision thresholds (chosen on val), 0.5 where it has none."""
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -108,6 +108,61 @@ def _thresholds(run_dir: Path, classes: list[str]) -> np.ndarray:
         metrics = {}
     values = [metrics.get(f"test/threshold/{c}") for c in classes]
     return np.array([v if isinstance(v, int | float) and math.isfinite(v) else 0.5 for v in values])
+
+
+def score_images(
+    model: torch.nn.Module,
+    normalize,
+    multilabel: bool,
+    read,
+    count: int,
+    image_size: int,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int = 0,
+    show_progress: bool = True,
+    desc: str = "predict",
+) -> np.ndarray:
+    """Probabilities [count, K] (softmax; multi-label: sigmoids) of `model` for images `read(0..count-1)`, each
+    prepared as the run's evaluation prepared it (`_Images`), in fp32: `semimed predict` and `semimed evaluate`
+    score through this."""
+    from tqdm.auto import tqdm
+
+    from semimed.losses import probabilities
+
+    loader = torch.utils.data.DataLoader(
+        _Images(read, count, image_size), batch_size=batch_size, num_workers=workers
+    )
+    scores = []
+    with (
+        torch.no_grad(),
+        tqdm(
+            total=count,
+            desc=desc,
+            unit="img",
+            disable=None if show_progress else True,  # None: TTY only
+        ) as bar,
+    ):
+        for batch in loader:
+            x = normalize(batch.to(device, non_blocking=True))
+            scores.append(probabilities(model(x), multilabel).float().cpu().numpy())
+            bar.update(len(batch))
+    return np.concatenate(scores)
+
+
+def check_output_path(path: Path, key: str) -> Path:
+    """`path` as the file predict writes: a writable file (not a folder), and none of a run's own files
+    (`--out RUN/metrics.json` would replace the run's results with a CSV)."""
+    from semimed.files import check_output_file
+    from semimed.runs import run_owning
+
+    owner = run_owning(path)
+    if owner is not None:
+        raise SemimedError(
+            f"{key} {path}: that is one of the files of the run {owner}, left as they are; write the "
+            f"predictions elsewhere (default: RUN_DIR/{DEFAULT_OUTPUT})"
+        )
+    return check_output_file(path, key)
 
 
 def predict(
@@ -123,17 +178,18 @@ def predict(
     """Write the CSV (default RUN_DIR/predict.csv) of class probabilities for `images` or for every image of
     the dataset at `root` (the run's dataset, task and options, another root)."""
     import pandas as pd
-    from tqdm.auto import tqdm
 
-    from semimed.data.base import read_image_file
+    from semimed.config import check_device
+    from semimed.data.base import check_image_file, read_image_file
     from semimed.engine import resolve_device
-    from semimed.losses import probabilities
 
     run_dir = Path(run_dir)
     if bool(images) == bool(root):
         raise SemimedError("predict: give either --images FILE ... or --root DATASET_ROOT")
     if batch_size < 1:
         raise SemimedError(f"predict: --batch-size {batch_size} must be >= 1")
+    output = check_output_path(Path(out) if out else run_dir / DEFAULT_OUTPUT, "predict: --out")
+    check_device(device, "--device")  # cuda without a GPU: one line, before the model is read
     target = resolve_device(device)
     model, classes, multilabel, normalize, cfg, channels = load_run_model(run_dir, target)
     columns: dict[str, object] = {}
@@ -142,6 +198,10 @@ def predict(
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise SemimedError(f"predict: image file(s) not found: {', '.join(missing[:5])}")
+        for path in paths:
+            # Headers now (16-bit, too large, not an image): one line before any work, not an error raised
+            # in a loader worker, which torch reports with its traceback.
+            check_image_file(path)
         columns["image"] = [str(p) for p in paths]
 
         def read(index: int) -> np.ndarray:
@@ -167,24 +227,25 @@ def predict(
         read, count = dataset.read_image, len(dataset)
     if count == 0:
         raise SemimedError("predict: no images")
-    loader = torch.utils.data.DataLoader(
-        _Images(read, count, cfg.data.image_size), batch_size=batch_size, num_workers=workers
+    scores = score_images(
+        model,
+        normalize,
+        multilabel,
+        read,
+        count,
+        cfg.data.image_size,
+        target,
+        batch_size,
+        workers,
+        show_progress,
     )
-    scores = []
-    with torch.no_grad(), tqdm(total=count, desc="predict", unit="img", disable=not show_progress) as bar:
-        for batch in loader:
-            x = normalize(batch.to(target, non_blocking=True))
-            scores.append(probabilities(model(x), multilabel).float().cpu().numpy())
-            bar.update(len(batch))
-    scores = np.concatenate(scores)
     for k, name in enumerate(classes):
         columns[f"score/{name}"] = scores[:, k]
     if multilabel:
-        above = scores >= _thresholds(run_dir, classes)
+        above = scores >= run_thresholds(run_dir, classes)
         columns["predicted"] = ["|".join(c for c, a in zip(classes, row, strict=True) if a) for row in above]
     else:
         columns["predicted"] = [classes[i] for i in scores.argmax(axis=1)]
-    output = Path(out) if out else run_dir / DEFAULT_OUTPUT
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output, pd.DataFrame(columns).to_csv(index=False, float_format="%.6g"))
     return Prediction(output, count, classes, str(target))

@@ -65,7 +65,7 @@ def pretrained_backbone(cfg: Config, dataset: LabeledImageSet, show_progress: bo
     from semimed.experiment import load_split, run_training  # the pretraining is an ordinary run
 
     pre = pretraining_config(cfg)
-    identity = run_identity(pre, load_split(pre, dataset))
+    identity = run_identity(pre, load_split(pre, dataset), dataset)
     folder = pretraining_folder(cfg, identity)
     announced = False
     while not _finished(folder, identity):

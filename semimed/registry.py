@@ -5,6 +5,7 @@ Tests iterate over `names()`; an unknown name raises a KeyError that lists the v
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -31,8 +32,14 @@ class Registry(Generic[T]):
         try:
             return self._factories[name]
         except KeyError:
+            close = difflib.get_close_matches(str(name), list(self._factories), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._factories))}"
+                f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._factories))}{hint}"
+            ) from None
+        except TypeError:  # an unhashable name (a list or a mapping where a name belongs)
+            raise UnknownNameError(
+                f"{self.kind} name {name!r} is not a name; valid: {', '.join(sorted(self._factories))}"
             ) from None
 
     def names(self) -> list[str]:

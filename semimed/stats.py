@@ -52,7 +52,9 @@ class Predictions:
 
     rows: int [N] dataset row ids; patient: int [N] index into `patients` (P distinct ids, sorted);
     y: int [N] class index (single-label) or float [N, K] 0/1 with NaN = unknown (multi-label);
-    scores: float [N, K] (softmax or sigmoid probabilities); classes: the K names (score column order).
+    scores: float [N, K] (softmax or sigmoid probabilities); classes: the K names (score column order);
+    positive: a binary task's positive class index (the run's `positive_class`, metrics.json), whose AUC and AP
+    are the headline ones.
     """
 
     rows: np.ndarray
@@ -62,12 +64,15 @@ class Predictions:
     scores: np.ndarray
     classes: list[str]
     multilabel: bool
+    positive: int = 1
     _ranked: dict[int, _Ranked] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, split: str = "test") -> Predictions:
+    def from_frame(
+        cls, frame: pd.DataFrame, split: str = "test", positive_class: str | None = None
+    ) -> Predictions:
         """From predictions.parquet's columns: split, row, patient_id, `label` or `label/<finding>`,
-        `score/<class>`."""
+        `score/<class>`; `positive_class` names a binary task's positive class (None: class index 1)."""
         frame = frame[frame["split"] == split].sort_values("row", kind="stable")
         if frame.empty:
             raise SemimedError(f"no {split!r} rows")
@@ -91,14 +96,26 @@ class Predictions:
         scores = frame[score_cols].to_numpy(np.float64)
         if not np.isfinite(scores).all():
             raise SemimedError("scores contain NaN or inf")
+        if positive_class is not None and positive_class not in classes:
+            raise SemimedError(f"positive class {positive_class!r} is not one of the score columns {classes}")
+        positive = 1 if positive_class is None else classes.index(positive_class)
         return cls(
-            frame["row"].to_numpy(np.int64), patients, patient.reshape(-1), y, scores, classes, multilabel
+            frame["row"].to_numpy(np.int64),
+            patients,
+            patient.reshape(-1),
+            y,
+            scores,
+            classes,
+            multilabel,
+            positive,
         )
 
     @classmethod
-    def read(cls, path: str | Path) -> Predictions:
+    def read(cls, path: str | Path, positive_class: str | None = None) -> Predictions:
         """The test rows of a predictions.parquet."""
-        return cls.from_frame(pd.read_parquet(path, filters=[("split", "==", "test")]))
+        return cls.from_frame(
+            pd.read_parquet(path, filters=[("split", "==", "test")]), "test", positive_class
+        )
 
     @property
     def n_patients(self) -> int:
@@ -200,8 +217,8 @@ def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
 def weighted_metrics(pred: Predictions, counts: np.ndarray, metrics: Sequence[str]) -> dict[str, np.ndarray]:
     """Each metric under patient weights `counts` [b, P] (int or float): a [b] array per metric.
 
-    Definitions as in semimed.metrics: single-label `roc_auc` is the AUC of class 1 for two classes, else the
-    macro one-vs-rest AUC; `average_precision` is the macro AP over classes (findings); multi-label macros skip
+    Definitions as in semimed.metrics: single-label `roc_auc` and `average_precision` are the positive class's
+    for two classes, else the macro one-vs-rest AUC / AP over classes (findings); multi-label macros skip
     findings without both values; `patient_accuracy` is the (weighted) mean over patients of their image accuracy.
     """
     unknown = set(metrics) - set(BOOTSTRAP_METRICS)
@@ -234,12 +251,12 @@ def weighted_metrics(pred: Predictions, counts: np.ndarray, metrics: Sequence[st
     if want_auc or want_ap:
         weights_t = np.ascontiguousarray(w.T)
         per = [pred.ranked(j).areas(weights_t, want_auc, want_ap) for j in range(k)]
-        aucs = np.stack([p[0] for p in per], axis=1)  # [b, K]
+        aucs, aps = (np.stack([p[i] for p in per], axis=1) for i in (0, 1))  # [b, K] each
+        binary = not pred.multilabel and k == 2
         if want_auc:
-            binary = not pred.multilabel and k == 2
-            out["roc_auc"] = aucs[:, 1] if binary else _nanmean(aucs, axis=1)
+            out["roc_auc"] = aucs[:, pred.positive] if binary else _nanmean(aucs, axis=1)
         if want_ap:
-            out["average_precision"] = _nanmean(np.stack([p[1] for p in per], axis=1), axis=1)
+            out["average_precision"] = aps[:, pred.positive] if binary else _nanmean(aps, axis=1)
     return {m: out[m] for m in metrics}
 
 

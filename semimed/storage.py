@@ -92,6 +92,67 @@ def _kind(fs, path: str):
         return pafs.FileType.NotFound
 
 
+def check_location(location: str | Path, key: str) -> str:
+    """`location` if a command can write its results there, checked before it starts; else one line naming
+    `key` and the location. A path: a folder (or one that can be made) this process may write. An `s3://` URI:
+    its endpoint must accept a connection within PROBE_TIMEOUT_S (pyarrow retries an unreachable server for
+    tens of seconds and then raises a multi-line OSError), then the location must not be an object (a file)."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(location):
+        from semimed.files import check_output_dir
+
+        check_output_dir(normalize(location), key)
+        return str(location)
+    if str(location).startswith("s3://"):
+        scheme, host, port = s3_endpoint(str(location))
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as exc:
+            raise SemimedError(
+                f"{key} {location}: storage not reachable: no connection to its endpoint {scheme}://{host}:{port} "
+                f"({exc.strerror or type(exc).__name__}); start the server, or set the endpoint (AWS_ENDPOINT_URL, "
+                "or ?endpoint_override=HOST:PORT&scheme=http in the URI)"
+            ) from None
+    fs, path = filesystem(location)
+    try:
+        kind = fs.get_file_info(path).type
+    except OSError as exc:
+        raise SemimedError(f"{key} {location}: storage not reachable ({_first_line(exc)})") from None
+    if kind == pafs.FileType.File:
+        raise SemimedError(f"{key} {location}: is a file, not a folder")
+    return str(location)
+
+
+PROBE_TIMEOUT_S = 5.0  # connecting to a live endpoint takes milliseconds; a dead one is reported after this
+
+
+def s3_endpoint(uri: str) -> tuple[str, str, int]:
+    """(scheme, host, port) that pyarrow connects to for an `s3://` URI: its `endpoint_override` (and
+    `scheme`), else $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS's regional endpoint."""
+    from urllib.parse import parse_qs, urlsplit
+
+    query = parse_qs(urlsplit(uri).query)
+    scheme = (query.get("scheme") or ["https"])[0]
+    endpoint = (query.get("endpoint_override") or [""])[0]
+    if not endpoint:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    if not endpoint:
+        region = (
+            (query.get("region") or [""])[0]
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION", "")
+        )
+        return "https", f"s3.{region}.amazonaws.com" if region else "s3.amazonaws.com", 443
+    if "://" in endpoint:
+        scheme, _, endpoint = endpoint.partition("://")
+    hostport = endpoint.split("/", 1)[0]
+    host, colon, port = hostport.rpartition(":")
+    if not colon or not port.isdigit():
+        host, port = hostport, ""
+    return scheme, host.strip("[]"), int(port) if port else (443 if scheme == "https" else 80)
+
+
 def is_dir(location: str | Path) -> bool:
     import pyarrow.fs as pafs
 

@@ -82,8 +82,9 @@ def sweep_log_path(experiment: str) -> Path:
 def quiet_output(log_path: Path, verbose: bool = False) -> Iterator[IO[str]]:
     """Send this process's stdout and stderr (file descriptors 1 and 2) to `log_path`; yield the terminal.
 
-    Lines printed with `say` (and the progress bar) reach the terminal. If the block raises, the log's last
-    TAIL_ON_ERROR lines and its path are printed to stderr after the terminal is restored."""
+    Lines printed with `say` (and the progress bar) reach the terminal. If the block raises (other than
+    KeyboardInterrupt), the log's last TAIL_ON_ERROR lines and its path are printed to stderr after the terminal
+    is restored."""
     if verbose:
         _ACTIVE.append(_Output(sys.stdout, None))
         try:
@@ -108,10 +109,13 @@ def quiet_output(log_path: Path, verbose: bool = False) -> Iterator[IO[str]]:
         sys.stdout = sys.stderr = log
         _ACTIVE.append(_Output(terminal, log_path))
         yield terminal
+    except KeyboardInterrupt:
+        raise  # Ctrl-C is not a failure to explain: the CLI says it in one line
     except BaseException:
         failed = True
         raise
     finally:
+        close_bar()  # an interrupted or failed sweep leaves its bar open
         _ACTIVE.pop()
         sys.stdout, sys.stderr = streams
         for stream in (*streams, log):

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,11 @@ import torch
 
 from semimed import storage
 from semimed.config import Config, config_from_dict
-from semimed.experiment import prepare_run_dir, run_training
+from semimed.errors import SemimedError, warnings_in_one_line
+from semimed.experiment import kept_results, prepare_run_dir, run_training
+from semimed.interrupts import SigintWatch
 from semimed.metrics import metric_names
-from semimed.runs import RUN_FILE, default_run_name
+from semimed.runs import METRICS_FILE, RUN_FILE, check_name, default_run_name
 
 _LOCAL_RAY = False  # whether init_ray started this process's Ray itself (a private local Ray)
 
@@ -48,7 +51,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             storage.write_bytes(storage.join(target, "workers", pid_file.name), pid_file.read_bytes())
         report = Reporter(ray.train.report, ray.train.Checkpoint, folder.sync if rank == 0 else None)
         checkpoint = ray.train.get_checkpoint()
-        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_dir:
+        # Ray forwards a worker's stderr to the driver's terminal: warnings as the CLI says them (one line).
+        with (
+            warnings_in_one_line(),
+            checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume_dir,
+        ):
             run_training(
                 cfg,
                 folder.path,
@@ -195,18 +202,94 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if address:
+        check_reachable(address)  # else ray.init retries an unreachable address for minutes, silently
         ray.init(address=address)
         _LOCAL_RAY = False
-    else:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            configure_logging=True,
-            logging_level="warning",
+        return
+    from semimed.sweep_progress import say
+
+    note = unused_cluster_note()
+    if note:
+        say(note)
+    dashboard = free_local_port()
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard,
+        configure_logging=True,
+        logging_level="warning",
+        # Ray's State API (Train's PlacementGroupCleaner asks it from inside this Ray) finds its cluster from
+        # RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else by looking for Ray's GCS processes on this machine:
+        # with a second Ray here (another sweep, a `ray start` head) it raised "Found multiple active Ray
+        # instances" (a traceback in the output) or asked the other cluster. Every process of this Ray's
+        # job inherits this (runtime environments merge env_vars into tasks' and actors' own).
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}},
+    )
+    _LOCAL_RAY = True
+
+
+RAY_GCS_PORT = 6379  # a head's default GCS port (`ray start --head`), when an address names no port
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line naming the address, when nothing answers at a Ray cluster address (a GCS
+    `host:port`, or `ray://host:port`): `ray.init` would retry for minutes with no output. "auto" and
+    "local" are left to Ray. Only a TCP connect: it does not prove that Ray listens there."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, _, port_text = target.rstrip("/").rpartition(":")
+    if not host:
+        host, port_text = port_text, str(RAY_GCS_PORT)
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise SemimedError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.1:6379) or auto") from None
+    try:
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise SemimedError(
+            f"--address {address}: no Ray cluster answers at {host}:{port} ({reason}); is the head running "
+            "(`ray status` on it), and is this its GCS address (port 6379 by default)?"
+        ) from None
+
+
+def unused_cluster_note() -> str | None:
+    """One line when a private local Ray is about to start although a cluster is at hand: RAY_ADDRESS is set,
+    or `ray start` recorded a head on this machine that still answers. semimed uses a cluster only when
+    --address says so (a recorded head may be stale, or someone else's)."""
+    given = os.environ.get("RAY_ADDRESS", "")
+    if given and given not in ("local", "auto"):
+        return (
+            f"note: RAY_ADDRESS={given} is set, but without --address semimed starts a private local Ray; "
+            f"to run on that cluster: --address {given}"
         )
-        _LOCAL_RAY = True
+    # Where `ray start` records its head (ray/_common/utils.py: get_ray_address_file).
+    temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    record = Path(temp) / "ray" / "ray_current_cluster"
+    with contextlib.suppress(
+        OSError, ValueError
+    ):  # no record, or a stale one (SemimedError: nothing answers)
+        recorded = record.read_text().strip()
+        if recorded:
+            check_reachable(recorded, timeout_s=1.0)
+            return (
+                f"note: a Ray cluster started with `ray start` answers at {recorded}; without --address "
+                f"semimed starts a private local Ray (to use that cluster: --address {recorded})"
+            )
+    return None
+
+
+def free_local_port() -> int:
+    """A TCP port free on the loopback interface now (for the local dashboard, whose URL must be known before
+    Ray starts; Ray tries the next port if another process takes it meanwhile)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def local_ray() -> bool:
@@ -219,19 +302,35 @@ def train_once(cfg: Config, address: str | None = None) -> dict[str, Any]:
     this process (no Ray), like `semimed train --local`. `output_dir` may be a storage URI (s3://…)."""
     if not cfg.name:
         cfg = dataclasses.replace(cfg, name=default_run_name(cfg))
+    check_name(cfg.name, "name")
     output = storage.normalize(cfg.output_dir)
     run_dir = storage.join(output, cfg.name)
     if cfg.scaling.num_workers == 0:
         with storage.staged_folder(run_dir) as folder:
             return run_training(cfg, folder.path, report=lambda _, checkpoint: checkpoint and folder.sync())
-    # Refuse a folder that holds another run here, before any worker starts (the workers check again).
-    if storage.is_uri(run_dir):  # its identity (run.json) is all the check reads
+    # Refuse a folder that holds another run here, before any worker starts (the workers check again); a
+    # finished run is not started again (its workers would not agree on it: ranks > 0 of a URI cannot see it).
+    if storage.is_uri(run_dir):  # its identity (run.json) and metrics.json are all the checks read
         with tempfile.TemporaryDirectory(prefix="semimed-check-") as scratch:
-            storage.download(run_dir, Path(scratch), [RUN_FILE])
+            storage.download(run_dir, Path(scratch), [RUN_FILE, METRICS_FILE])
             prepare_run_dir(cfg, scratch)
+            kept = kept_results(scratch, shown=run_dir)
     else:
         prepare_run_dir(cfg, run_dir)
+        kept = kept_results(run_dir)
+    if kept is not None:
+        return kept
     init_ray(address)
     trainer = build_trainer(cfg, run_dir, storage_path=storage.join(output, ".ray_train"), run_name=cfg.name)
-    result = trainer.fit()
+    # Ray Train takes Ctrl-C itself (it aborts the run, then `sys.exit(0)` or an actor error ends `fit`):
+    # turn that back into the KeyboardInterrupt it is (one line, exit 130: semimed.cli.main).
+    with SigintWatch() as sigint:
+        try:
+            result = trainer.fit()
+        except (Exception, SystemExit):
+            if sigint.seen():
+                raise KeyboardInterrupt from None
+            raise
+        if sigint.seen():
+            raise KeyboardInterrupt
     return dict(result.metrics or {})

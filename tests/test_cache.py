@@ -133,7 +133,7 @@ def test_corrupt_and_zero_byte_images_are_listed_not_fatal(tmp_path: Path, make_
 
 @pytest.mark.filterwarnings("ignore:no positive training image")
 def test_training_on_a_split_with_a_corrupt_image_stops_naming_it(tmp_path: Path, make_chest_release) -> None:
-    from semimed.config import Config, DataConfig
+    from semimed.config import Config, DataConfig, TrainConfig
     from semimed.experiment import build_run
 
     root = make_chest_release(tmp_path / "nih", _rows(12), test=("00000011_000.png", "00000012_000.png"))
@@ -145,7 +145,8 @@ def test_training_on_a_split_with_a_corrupt_image_stops_naming_it(tmp_path: Path
             image_size=8,
             fraction=1.0,
             cache_dir=str(tmp_path / "cache"),
-        )
+        ),
+        train=TrainConfig(batch_size=4),  # no larger than the few training images
     )
     with pytest.raises(
         SemimedError, match=r"1 image\(s\) of the split cannot be decoded; first: .*00000003_000"

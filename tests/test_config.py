@@ -242,7 +242,7 @@ def test_config_is_frozen() -> None:
     [
         ("breakhis", "binary", {"magnification": "all"}),
         ("chestxray14", "findings", {"view": "all", "drop_missing": False}),
-        ("medmnist", "default", {}),
+        ("medmnist", "default", {"class_names": []}),
     ],
 )
 def test_default_task_and_options_per_dataset(dataset: str, task: str, options: dict) -> None:
@@ -284,7 +284,7 @@ def test_saved_options_round_trip(tmp_path: Path) -> None:
         ),
         (
             ["data.dataset=medmnist", "data.options.magnification=40"],
-            r"unknown option data\.options\.magnification for dataset 'medmnist'; valid: none$",
+            r"unknown option data\.options\.magnification for dataset 'medmnist'; valid: class_names$",
         ),
         (
             ["data.options.magnification=50"],
@@ -307,7 +307,10 @@ def test_saved_options_round_trip(tmp_path: Path) -> None:
             ["data.dataset=medmnist", "data.task=binary"],
             r"unknown data\.task 'binary' for dataset 'medmnist'",
         ),
-        (["data.dataset=isic"], r"unknown data\.dataset 'isic'; valid: breakhis, chestxray14, medmnist$"),
+        (
+            ["data.dataset=isic"],
+            r"unknown data\.dataset 'isic'; valid: breakhis, chestxray14, csv, imagefolder, medmnist$",
+        ),
     ],
 )
 def test_bad_dataset_settings_name_the_key_and_the_valid_values(overrides: list[str], message: str) -> None:

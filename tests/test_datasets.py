@@ -35,21 +35,45 @@ def _medmnist(tmp_path: Path, demo_roots: dict[str, Path]) -> Path:
     return path
 
 
+def _imagefolder(tmp_path: Path, demo_roots: dict[str, Path]) -> Path:
+    """Your own class folders: <root>/<class>/<image>.png, 3 grayscale images per class."""
+    from PIL import Image
+
+    for name in ("benign", "malignant"):
+        (tmp_path / "folders" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 20), 40 * i, np.uint8)).save(
+                tmp_path / "folders" / name / f"{i}.png"
+            )
+    return tmp_path / "folders"
+
+
+def _csv(tmp_path: Path, demo_roots: dict[str, Path]) -> Path:
+    """A manifest (path,label,patient_id) beside the class folders of `_imagefolder`."""
+    root = _imagefolder(tmp_path, demo_roots)
+    rows = [f"{c}/{i}.png,{c},p{c}{i}" for c in ("benign", "malignant") for i in range(3)]
+    (root / "manifest.csv").write_text("path,label,patient_id\n" + "\n".join(rows) + "\n")
+    return root / "manifest.csv"
+
+
 # name -> (tmp_path, demo_roots) -> data.root of a tiny instance in the dataset's real on-disk format.
 TINY: dict[str, Callable[[Path, dict[str, Path]], Path]] = {
     "breakhis": lambda tmp_path, demo_roots: demo_roots["breakhis"],
     "chestxray14": lambda tmp_path, demo_roots: demo_roots["chestxray14"],
+    "csv": _csv,
+    "imagefolder": _imagefolder,
     "medmnist": _medmnist,
 }
 
 NAMES = DATASETS.names()
 
 
-def test_the_registry_holds_the_three_datasets() -> None:
-    assert NAMES == ["breakhis", "chestxray14", "medmnist"]
+def test_the_registry_holds_the_five_datasets() -> None:
+    assert NAMES == ["breakhis", "chestxray14", "csv", "imagefolder", "medmnist"]
     assert "breakhis" in DATASETS and "isic" not in DATASETS
     with pytest.raises(
-        SemimedError, match=r"unknown data\.dataset 'isic'; valid: breakhis, chestxray14, medmnist"
+        SemimedError,
+        match=r"unknown data\.dataset 'isic'; valid: breakhis, chestxray14, csv, imagefolder, medmnist",
     ):
         dataset_spec("isic")
 
@@ -72,7 +96,8 @@ def test_spec_is_complete(name: str) -> None:
     hints = typing.get_type_hints(spec.options)
     for item in spec.option_fields():
         assert item.metadata["help"].strip(), item.name
-        assert hints[item.name] in (str, int, float, bool), item.name  # what the CLI can make a flag of
+        # What the CLI can make a flag of (a list[str] flag takes "A,B").
+        assert hints[item.name] in (str, int, float, bool, list[str]), item.name
         if "choices" in item.metadata:
             assert item.default in item.metadata["choices"], item.name
     # prepare() takes options as keyword arguments beside its own
@@ -86,6 +111,8 @@ def test_patient_level_accuracy_is_for_breakhis_only() -> None:
     assert {name: dataset_spec(name).patient_level for name in NAMES} == {
         "breakhis": True,
         "chestxray14": False,
+        "csv": False,
+        "imagefolder": False,
         "medmnist": False,
     }
 
@@ -132,8 +159,9 @@ def test_options_reach_the_loader(demo_roots: dict[str, Path]) -> None:
 def test_every_option_is_a_config_key_with_its_choices_enforced(name: str) -> None:
     spec = dataset_spec(name)
     for item in spec.option_fields():
-        cfg = load_config(None, [f"data.dataset={name}", f"data.options.{item.name}={item.default}"])
-        assert cfg.data.options[item.name] == item.default
+        default = spec.default_options()[item.name]  # a list option's default comes from its factory
+        cfg = load_config(None, [f"data.dataset={name}", f"data.options.{item.name}={default}"])
+        assert cfg.data.options[item.name] == default
         if "choices" in item.metadata:
             with pytest.raises(
                 SemimedError, match=rf"unknown data\.options\.{item.name} 'nonsense'; valid: "

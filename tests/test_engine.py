@@ -484,17 +484,19 @@ def test_run_training_rejects_a_split_for_another_dataset(demo_roots, tmp_path: 
         run_training(cfg, tmp_path / "run", show_progress=False)
 
 
-def test_rerunning_a_finished_run_only_reevaluates(resume_runs) -> None:
+def test_rerunning_a_finished_run_keeps_its_results(resume_runs) -> None:
+    """A finished run is never re-scored: the rerun returns (and reports once) the kept metrics.json, and no
+    file of the folder changes (it used to re-evaluate and rewrite metrics.json without its val/train keys)."""
     runs = resume_runs("none")
+    folder = runs["crash_dir"]
+    before = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     reports: list[dict] = []
-    again = run_training(
-        runs["cfg"], runs["crash_dir"], report=lambda m, c: reports.append(m), show_progress=False
-    )
-    assert [m["step"] for m in reports] == [60] and again["resumed_from_step"] == 60
-    assert not any(k.startswith("train/") for k in again), "no step was trained"
-    test_keys = {k: v for k, v in runs["final"].items() if k.startswith(("test/", "test_last/"))}
-    assert same_metrics({k: again[k] for k in test_keys}, test_keys)
-    assert again["selected_step"] == runs["final"]["selected_step"]
+    again = run_training(runs["cfg"], folder, report=lambda m, c: reports.append(m), show_progress=False)
+    kept = json.loads((folder / "metrics.json").read_text())
+    assert [m["step"] for m in reports] == [60] and reports[0]["final"] is True
+    assert same_metrics(again, {k: (math.nan if v is None else v) for k, v in kept.items()})
+    assert any(k.startswith(("train/", "val/")) for k in again), "the kept val/train entries are returned"
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
 
 
 @pytest.mark.parametrize("override", ["train.eval_every=0", "train.checkpoint_every=0", "train.batch_size=0"])

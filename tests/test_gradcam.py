@@ -193,7 +193,8 @@ def test_explain_writes_overlays_and_matches_the_evaluation(
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(trained_run / "tb"), size_guidance={"images": 0})
+    # With --out, TensorBoard's images go under it too: nothing is written into the run folder.
+    events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
     events.Reload()
     assert "gradcam" in events.Tags()["images"]
     logged = events.Images("gradcam")

@@ -220,7 +220,7 @@ def test_train_augment_none_keeps_the_labeled_view_fixed(tmp_path: Path) -> None
                 cache_dir=str(tmp_path / "cache"),
             ),
             model=ModelConfig(backbone="small_cnn"),
-            train=TrainConfig(augment=augment),
+            train=TrainConfig(augment=augment, batch_size=8),  # no larger than the 8 training images
         )
         _, data, _ = build_run(cfg)
         stream = data.labeled_stream()
@@ -269,4 +269,5 @@ def test_report_puts_the_published_row_beside_a_breastmnist_reproduction(tmp_pat
     assert published_comparison(tmp_path / "other") == ""
     cfg = yaml.safe_load((tmp_path / "exp" / "runs" / "s0" / "config.yaml").read_text())
     assert cfg["train"]["augment"] == "weak"  # the new keys' defaults
-    assert (cfg["data"]["task"], cfg["data"]["options"]) == ("default", {})  # medmnist's task, no options
+    # medmnist's task, its one option at its default
+    assert (cfg["data"]["task"], cfg["data"]["options"]) == ("default", {"class_names": []})

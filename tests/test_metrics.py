@@ -143,6 +143,8 @@ def _check_against_sklearn(y, probs, classes, out):
     assert out["precision_macro"] == pytest.approx(sk_macro[0], abs=1e-12)
     assert out["sensitivity_macro"] == pytest.approx(sk_macro[1], abs=1e-12)
     assert out["f1_macro"] == pytest.approx(sk_macro[2], abs=1e-12)
+    if k == 2:  # binary: the positive class's AP (test_single_label_k2_matches_sklearn)
+        return
     assert out["average_precision"] == pytest.approx(np.nanmean(aps), abs=1e-12)
     if not np.isnan(aps).any():
         want = skm.average_precision_score(np.eye(k)[y], probs, average="macro")
@@ -165,16 +167,29 @@ def test_single_label_k4_matches_sklearn(seed, ties, no_runtime_warnings):
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("ties", [False, True])
-def test_single_label_k2_matches_sklearn(seed, ties, no_runtime_warnings):
+@pytest.mark.parametrize("positive", [None, 0, 1])
+def test_single_label_k2_matches_sklearn(seed, ties, positive, no_runtime_warnings):
+    """The binary headline metrics are the positive class's (index 1 when none is given): scikit-learn's with
+    pos_label = that class."""
     y, probs = _single_label_data(seed, 2, ties=ties)
-    out = single_label_metrics(y, probs, CLASSES_2)
+    out = single_label_metrics(y, probs, CLASSES_2, positive=positive)
     _check_against_sklearn(y, probs, CLASSES_2, out)
+    pos = 1 if positive is None else positive
     y_pred = probs.argmax(axis=1)
-    assert out["roc_auc"] == pytest.approx(skm.roc_auc_score(y, probs[:, 1]), abs=1e-12)
-    assert out["sensitivity"] == pytest.approx(skm.recall_score(y, y_pred, pos_label=1))
-    assert out["specificity"] == pytest.approx(skm.recall_score(y, y_pred, pos_label=0))
-    assert out["precision"] == pytest.approx(skm.precision_score(y, y_pred, pos_label=1))
-    assert out["f1"] == pytest.approx(skm.f1_score(y, y_pred, pos_label=1))
+    assert out["roc_auc"] == pytest.approx(skm.roc_auc_score(y == pos, probs[:, pos]), abs=1e-12)
+    assert out["average_precision"] == pytest.approx(
+        skm.average_precision_score(y == pos, probs[:, pos]), abs=1e-12
+    )
+    assert out["sensitivity"] == pytest.approx(skm.recall_score(y, y_pred, pos_label=pos))
+    assert out["specificity"] == pytest.approx(skm.recall_score(y, y_pred, pos_label=1 - pos))
+    assert out["precision"] == pytest.approx(skm.precision_score(y, y_pred, pos_label=pos))
+    assert out["f1"] == pytest.approx(skm.f1_score(y, y_pred, pos_label=pos))
+
+
+def test_a_positive_class_index_outside_a_binary_task_is_refused():
+    y, probs = _single_label_data(0, 4)
+    with pytest.raises(SemimedError, match="positive class index 1 given for a multiclass task"):
+        single_label_metrics(y, probs, CLASSES_4, positive=1)
 
 
 def test_single_label_key_names():

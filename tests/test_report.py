@@ -393,7 +393,16 @@ def test_weighted_single_label_metrics_equal_repeated_rows(k):
     if k == 2:
         assert got["roc_auc"] == pytest.approx(roc_auc_score(y, scores[:, 1], sample_weight=weights))
     per_class_ap = [average_precision_score(y == j, scores[:, j], sample_weight=weights) for j in range(k)]
-    assert got["average_precision"] == pytest.approx(np.mean(per_class_ap))
+    # Binary: the positive class's AP (index 1 unless the run names another); else the macro.
+    assert got["average_precision"] == pytest.approx(per_class_ap[1] if k == 2 else np.mean(per_class_ap))
+    if k == 2:  # the run's positive class, by name, as metrics.json's positive_class gives it
+        frame = _frame(y, scores, np.array([f"p{i:03d}" for i in range(n)]), names)
+        first = stats.Predictions.from_frame(frame, positive_class="c0")
+        values = stats.weighted_metrics(first, weights[None, :], ("roc_auc", "average_precision"))
+        assert values["average_precision"][0] == pytest.approx(per_class_ap[0])
+        assert values["roc_auc"][0] == pytest.approx(
+            roc_auc_score(y == 0, scores[:, 0], sample_weight=weights)
+        )
 
 
 def test_weighted_multilabel_metrics_equal_repeated_rows():

@@ -106,10 +106,16 @@ def test_another_config_in_a_finished_run_folder_is_refused_and_changes_nothing(
     assert snapshot(finished["folder"]) == before
 
 
-def test_the_same_run_resumes_and_operational_keys_do_not_count(finished, demo_roots) -> None:
+def test_the_same_run_resumes_and_operational_keys_do_not_count(finished, demo_roots, tmp_path: Path) -> None:
+    import shutil
+
+    # A finished run is kept as it is (tests/test_run_outputs.py); one killed before its metrics.json resumes.
+    folder = tmp_path / "run"
+    shutil.copytree(finished["folder"], folder)
+    (folder / "metrics.json").unlink()
     again = run_training(
         config(demo_roots, "train.loader_workers=0", "train.checkpoint_every=4", "name=other"),
-        finished["folder"],
+        folder,
         show_progress=False,
     )
     assert again["resumed_from_step"] == 8 and again["test/roc_auc"] == finished["final"]["test/roc_auc"]
@@ -260,8 +266,10 @@ def test_cli_default_names_are_new_folders_and_resume_is_explicit(demo_roots, tm
     capsys.readouterr()
     assert main(["train", str(config_file), "--local", "--resume"]) == 2
     assert "--resume needs the run's name" in capsys.readouterr().err
+    metrics = (runs[0] / "metrics.json").read_bytes()
     assert main(["train", str(runs[0] / "config.yaml"), "--local", "--resume"]) == 0
-    assert json.loads((runs[0] / "metrics.json").read_text())["resumed_from_step"] == 2
+    assert "is finished (metrics.json); its results are kept" in capsys.readouterr().err
+    assert (runs[0] / "metrics.json").read_bytes() == metrics  # a finished run is not run again
     assert main(["train", str(runs[0] / "config.yaml"), "--local", "--resume", "train.lr=0.5"]) == 2
     assert "train.lr 0.001 → 0.5" in capsys.readouterr().err
 

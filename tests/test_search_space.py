@@ -328,7 +328,7 @@ def test_hyperopt_without_its_package_is_one_line_naming_the_extra(tmp_path, mon
     assert main(["sweep", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"semimed: error: {path}: search.algorithm hyperopt needs the hyperopt package, which is not installed: "
+        f"semimed: error: {path}: search.algorithm hyperopt needs the optional package hyperopt: "
         "pip install 'semimed[hyperopt]'\n"
     )
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from semimed.classical.features import EXTRACTORS, FEATURE_SETS, extract_rows
 from semimed.data.cache.layout import RowSubset
-from semimed.data.cache.lock import lock_path, take_lock
+from semimed.data.cache.lock import release_lock, take_lock
 from semimed.files import atomic_write_bytes
 
 DIGEST_BYTES = 16
@@ -119,7 +119,7 @@ def load_block(pixels, rows: np.ndarray, name: str, workers: int = 1) -> np.ndar
         stored["known"][todo] = True
         _write(path, stored)
     finally:
-        lock_path(path).unlink(missing_ok=True)
+        release_lock(path)
     return stored["features"][unique][back]
 
 

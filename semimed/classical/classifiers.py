@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from semimed.errors import SemimedError
+from semimed.errors import SemimedError, SemimedWarning
 
 SEMI_SUPERVISED = ("label_spreading", "self_training")
 SELF_TRAINING_BASES = ("logistic", "random_forest")  # they have predict_proba, which self-training thresholds
@@ -219,7 +219,7 @@ class ClassicalModel:
                 warnings.warn(
                     f"classical: finding {k} has {'no known label' if not len(values) else 'one class'} "
                     "among the labeled images; its score is constant",
-                    RuntimeWarning,
+                    SemimedWarning,
                     stacklevel=2,
                 )
                 self.models.append(float(values[0]) if len(values) else 0.5)
@@ -268,7 +268,7 @@ class ClassicalModel:
                 warnings.warn(
                     f"classical {self.classifier}: {int(missing.sum())} of {len(x)} images are reached by no "
                     "labeled image; they get the labeled class frequencies as scores",
-                    RuntimeWarning,
+                    SemimedWarning,
                     stacklevel=2,
                 )
             if self.multilabel:

@@ -115,6 +115,7 @@ def fit_closed_form(
         "selected_step": 0,
         "reported_checkpoint": "last",
         "select_metric": evaluator.select_metric,
+        "positive_class": None if data.positive is None else data.classes[data.positive],
         "evaluated_model": method.evaluated_model(),
         **{f"train/{k}": v for k, v in getattr(method, "fit_logs", {}).items()},
     }
@@ -132,6 +133,7 @@ def fit_closed_form(
             data.multilabel,
             None if patients is None else patients[rows],
             thresholds,
+            data.positive,
         )
         final.update({f"val/{k}": v for k, v in values.items()})
         frames.append(evaluator.predictions("val", Scored(values, thresholds, rows, scores["val"]), 0))
@@ -144,6 +146,7 @@ def fit_closed_form(
             data.multilabel,
             None if patients is None else patients[rows],
             thresholds,
+            data.positive,
         )
         # One model: the reported and the last "checkpoint" are the same, and both key families exist.
         final.update({f"test/{k}": v for k, v in values.items()})
@@ -155,6 +158,7 @@ def fit_closed_form(
             )
     board = Tensorboard(run_dir, rank == 0)
     board.scalars({k: v for k, v in final.items() if k.startswith(("val/", "test", "train/"))}, 0)
+    board.texts(final, 0)
     board.close()
     if rank == 0 and run_dir is not None and frames:
         write_predictions(frames, run_dir / PREDICTIONS_FILE)

@@ -1,6 +1,6 @@
 """`semimed` entry point: parse, dispatch, nothing else. Bad input exits 2 with one line on stderr.
 
-The commands live by theme: data.py (split, prepare), runs.py (train, config, explain, predict, backbones),
+The commands live by theme: data.py (split, prepare), runs.py (train, config, explain, predict, evaluate, backbones),
 studies.py (sweep, submit, jobs, report, demo); common.py holds what more than one theme uses. Each command
 imports what it runs inside its function, so that the CLI starts fast.
 """
@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from semimed.cli import data, runs, studies
-from semimed.errors import SemimedError
+from semimed.errors import SemimedError, warnings_in_one_line
 
 __all__ = ["build_parser", "main"]
 
@@ -28,6 +28,7 @@ _COMMANDS = (
     runs.add_backbones,
     runs.add_explain,
     runs.add_predict,
+    runs.add_evaluate,
     runs.add_config,
 )
 
@@ -61,8 +62,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
-        args.func(args)
+        with warnings_in_one_line():
+            args.func(args)
     except SemimedError as exc:
         print(f"semimed: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        # Ctrl-C: one line, no traceback; a command may say how to resume (the exception's message). On a
+        # terminal the line starts on a new line (the terminal echoed `^C`).
+        newline = "\n" if getattr(sys.stderr, "isatty", lambda: False)() else ""
+        detail = f"; {exc}" if str(exc) else ""
+        print(f"{newline}semimed: interrupted{detail}", file=sys.stderr, flush=True)
+        return INTERRUPTED
     return 0
+
+
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C: 128 + SIGINT, as a shell reports it

@@ -12,6 +12,7 @@ def _cmd_split(args: argparse.Namespace) -> None:
     from semimed.data import dataset_spec, load_dataset
     from semimed.data.splits import make_split, summarize
 
+    _check_split_out(args.out)
     data_cfg = DataConfig(
         dataset=args.dataset, root=args.root, task=args.task, options=_dataset_options(args)
     )
@@ -40,9 +41,22 @@ def _cmd_split(args: argparse.Namespace) -> None:
     print(f"wrote {split.save(args.out)}")
 
 
+def _check_split_out(out: str) -> None:
+    """--out must be a file semimed can write, and not a run's own split.json (the split it was trained on)."""
+    from semimed.files import check_output_file
+    from semimed.runs import run_owning
+
+    owner = run_owning(out)
+    if owner is not None:
+        raise SemimedError(f"split: --out {out}: one of the files of the run {owner}, left as they are")
+    check_output_file(out, "split: --out")
+
+
 def _cmd_prepare(args: argparse.Namespace) -> None:
+    from semimed.files import check_output_dir
     from semimed.prepare import prepare
 
+    check_output_dir(args.out, "prepare: --out")
     result = prepare(
         args.dataset,
         args.root,
@@ -64,8 +78,6 @@ _OPTION_DEST = "dataset_option_"
 
 def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
     """The dataset positional, --root, --task and one flag per dataset option, all from the registry."""
-    import typing
-
     from semimed.data import DATASETS, dataset_spec
 
     specs = [dataset_spec(name) for name in DATASETS.names()]
@@ -88,15 +100,27 @@ def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
             for spec in specs
         ),
     )
+    add_dataset_option_flags(p)
+
+
+def add_dataset_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per dataset option of every registered dataset (`split`, `prepare`, `evaluate`)."""
+    import typing
+
+    from semimed.data import DATASETS, dataset_spec
+
+    specs = [dataset_spec(name) for name in DATASETS.names()]
     owners: dict[str, list] = {}
     for spec in specs:
         for item in spec.option_fields():
             owners.setdefault(item.name, []).append((spec, item))
     for name, pairs in owners.items():
         kind = typing.get_type_hints(pairs[0][0].options)[name]
+        # A list[str] option's flag takes one string, "A,B": semimed.config splits it at commas.
+        listed = typing.get_origin(kind) is list
         helps = "; ".join(
             f"{owner.name}: {field.metadata['help']}"
-            + ("" if kind is bool else f" (default: {field.default})")
+            + ("" if kind is bool else f" (default: {field.default_factory() if listed else field.default})")
             for owner, field in pairs
         )
         flag = "--" + name.replace("_", "-")
@@ -105,7 +129,14 @@ def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
             continue
         shared = {tuple(field.metadata.get("choices") or ()) for _, field in pairs}
         choices = next(iter(shared)) if len(shared) == 1 and next(iter(shared)) else None
-        p.add_argument(flag, dest=_OPTION_DEST + name, type=kind, choices=choices, default=None, help=helps)
+        p.add_argument(
+            flag,
+            dest=_OPTION_DEST + name,
+            type=str if listed else kind,
+            choices=choices,
+            default=None,
+            help=helps,
+        )
 
 
 def _downloadable() -> list[str]:
@@ -114,11 +145,12 @@ def _downloadable() -> list[str]:
     return [name for name in DATASETS.names() if dataset_spec(name).fetch is not None]
 
 
-def _dataset_options(args: argparse.Namespace) -> dict:
-    """The dataset option flags given on the command line; one that the chosen dataset lacks is an error."""
+def _dataset_options(args: argparse.Namespace, dataset: str | None = None) -> dict:
+    """The dataset option flags given on the command line; one that the chosen dataset (`dataset`, else
+    args.dataset) lacks is an error."""
     from semimed.data import dataset_spec
 
-    spec = dataset_spec(args.dataset)
+    spec = dataset_spec(dataset or args.dataset)
     own = {item.name for item in spec.option_fields()}
     given = {
         key.removeprefix(_OPTION_DEST): value

@@ -1,4 +1,4 @@
-"""Single-run commands: `train`, `config`, `explain`, `predict` and `backbones`."""
+"""Single-run commands: `train`, `config`, `explain`, `predict`, `evaluate` and `backbones`."""
 
 from __future__ import annotations
 
@@ -40,9 +40,27 @@ def _load_run_config(path: str | None, overrides: list[str], command: str):
 def _cmd_train(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from semimed.runs import RUN_FILE, default_run_name
+    from semimed import storage
+    from semimed.files import check_output_dir
+    from semimed.runs import RUN_FILE, check_name, default_run_name
 
     cfg = _load_run_config(args.config, args.overrides, "train")
+    from semimed.experiment import check_config
+
+    check_config(cfg)  # the whole config first: an error leaves no run folder behind (nothing is made yet)
+    if cfg.name:
+        check_name(cfg.name, "name")
+    # Where the run goes is checked before any data is read: a file or a read-only folder there is one line now,
+    # not an OSError after the data loaded (or, on storage, after a connection's retries).
+    if storage.is_uri(cfg.output_dir):
+        if args.local:
+            raise SemimedError(
+                f"output_dir {cfg.output_dir}: a storage URI, and --local writes a local folder; drop --local "
+                "(scaling.num_workers=0 trains in this process and mirrors the run folder there) or give a path"
+            )
+        storage.check_location(cfg.output_dir, "output_dir")
+    else:
+        check_output_dir(cfg.output_dir, "output_dir")
     require_root(cfg, args.config)
     root = resolved_root(cfg.data.root, args.config)
     if root != cfg.data.root:
@@ -58,14 +76,24 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.resume and not (run_dir / RUN_FILE).is_file():
         raise SemimedError(f"{run_dir}: no run to resume (no {RUN_FILE})")
     print(f"run directory: {run_dir.resolve()}")
-    if args.local:
-        from semimed.experiment import run_training
+    try:
+        if args.local:
+            from semimed.experiment import run_training
 
-        final = run_training(cfg, run_dir)
-    else:
-        from semimed.train import train_once
+            final = run_training(cfg, run_dir)
+        else:
+            from semimed.train import train_once
 
-        final = train_once(cfg, args.address)
+            final = train_once(cfg, args.address)
+    except KeyboardInterrupt:
+        # Ctrl-C: semimed.cli.main says it in one line; add how to go on from the run's last checkpoint.
+        if storage.is_uri(cfg.output_dir) or not (run_dir / RUN_FILE).is_file():
+            raise
+        import shlex
+
+        again = ["semimed", "train", str((run_dir / "config.yaml").resolve()), "--resume"]
+        again += ["--local"] if args.local else (["--address", args.address] if args.address else [])
+        raise KeyboardInterrupt(f"resume: {shlex.join(again)}") from None
     _print_metrics(final)
     print(f"run directory: {run_dir.resolve()}")
 
@@ -90,6 +118,10 @@ def _cmd_config(args: argparse.Namespace) -> None:
     if args.defaults and (path or overrides):
         raise SemimedError("config: --defaults prints the defaults alone; leave out CONFIG and the overrides")
     cfg = Config() if args.defaults else _load_run_config(path, overrides, "config")
+    if not args.defaults:
+        from semimed.experiment import check_config
+
+        check_config(cfg)  # what `semimed train` checks first: a config printed here is one that would run
     source = "defaults" if args.defaults or not path else path
     print(f"# semimed {__version__}: effective run config ({source}{' + overrides' if overrides else ''})")
     print("# every key and its meaning: semimed/config.py; override any as section.key=value")
@@ -114,6 +146,40 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from semimed.cli.data import _dataset_options
+    from semimed.evaluate import evaluate_run, run_dataset
+
+    dataset = args.dataset or run_dataset(args.run_dir)
+    result = evaluate_run(
+        args.run_dir,
+        args.out,
+        root=args.root,
+        dataset=dataset,
+        task=args.task,
+        options=_dataset_options(args, dataset),
+        part=args.split,
+        split_file=args.split_file,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        workers=args.workers,
+    )
+    print(
+        f"{args.run_dir} (step {result.step}) on {dataset} at {args.root}: {result.images} image(s), "
+        f"{result.patients} patient(s)"
+        + (f", positive class {result.positive_class}" if result.positive_class else "")
+    )
+    for name, value in result.metrics.items():
+        if "/" in name:
+            continue  # per-class values: metrics.json
+        low, high = result.intervals.get(name, (float("nan"), float("nan")))
+        interval = f"  [{low:.4f}, {high:.4f}]" if low == low and high == high else ""
+        print(f"{name:24s} {value:.4f}{interval}")
+    print(f"wrote {result.out}: report.md, metrics.json, predictions.parquet")
+
+
 def _cmd_backbones(args: argparse.Namespace) -> None:
     from semimed.explain import GRADCAM_LAYERS
     from semimed.models.backbones import backbone_names, count_parameters, create_backbone
@@ -127,14 +193,16 @@ def _cmd_backbones(args: argparse.Namespace) -> None:
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
-    from semimed.explain import explain_run
+    from semimed.explain import explain_run, tensorboard_dir
 
     results = explain_run(args.run_dir, args.images, args.out, target=args.target, layer=args.layer)
     for item in results:
         print(
             f"{item.image}: predicted {item.prediction}; map for {item.target} (p={item.score:.3f}) -> {item.output}"
         )
-    print(f"TensorBoard: tensorboard --logdir {Path(args.run_dir) / 'tb'}  (images tab, tag gradcam)")
+    print(
+        f"TensorBoard: tensorboard --logdir {tensorboard_dir(args.run_dir, args.out)}  (images tab, tag gradcam)"
+    )
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -206,6 +274,58 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=0, help="image-decoding processes (0: decode in this process)"
     )
     p.set_defaults(func=_cmd_predict)
+
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from semimed.cli.data import _task_choices, add_dataset_option_flags
+    from semimed.data import DATASETS
+
+    p = sub.add_parser(
+        "evaluate",
+        help="external validation: a trained run's metrics, with 95%% intervals, on another site's dataset",
+        description="Scores RUN_DIR's reported network (as `semimed predict`) on every image of another "
+        "dataset and reports the run's metrics (its positive class, its multi-label thresholds chosen on val) "
+        "with 95%% patient-cluster bootstrap intervals. Writes predictions.parquet, metrics.json and report.md "
+        "into --out; the run folder is never modified.",
+    )
+    p.add_argument(
+        "run_dir", help="a finished run folder (it holds config.yaml, metrics.json, backbone.safetensors)"
+    )
+    p.add_argument("--root", required=True, help="the external dataset's root (its kind: --dataset)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder to write (not inside a run folder, nor beside run folders: semimed report would read it)",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        choices=DATASETS.names(),
+        help="the external data's kind (default: the run's data.dataset, with the run's task and options)",
+    )
+    p.add_argument(
+        "--task", default="", choices=_task_choices(), help="the dataset's task (semimed split --help)"
+    )
+    add_dataset_option_flags(p)
+    p.add_argument(
+        "--split",
+        default=None,
+        choices=["all", "test"],
+        help="all: every image (default); test: the dataset's official test part only",
+    )
+    p.add_argument(
+        "--split-file", default=None, help="score the test part of this saved split (semimed split)"
+    )
+    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap replicates")
+    p.add_argument(
+        "--seed", type=int, default=0, help="bootstrap seed (the same seed gives the same intervals)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--workers", type=int, default=0, help="image-decoding processes (0: decode in this process)"
+    )
+    p.set_defaults(func=_cmd_evaluate)
 
 
 def add_config(sub: argparse._SubParsersAction) -> None:

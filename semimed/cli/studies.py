@@ -33,6 +33,11 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
             plan = make_plan(space, this_machine(), local=args.address is None)
         print("\n".join(plan.lines()))
         return
+    _check_storage(args.storage)
+    if args.resume:  # before anything is made: a resume of nothing must not leave a new experiment folder
+        from semimed.tune import check_resumable
+
+        check_resumable(space, args.storage)
     for cell in space.cells or [{}]:
         require_root(space.trial_config(cell), args.search_space)
     if not any(axis == "data" or axis.startswith("data.root") for axis in space.grid):
@@ -42,33 +47,72 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         resolved = resolved_root(root, args.search_space)
         if resolved != root:
             space = dataclasses.replace(space, base=apply_overrides(space.base, {"data.root": resolved}))
+    import ray
+
     from semimed import sweep_progress
     from semimed.train import init_ray
-    from semimed.tune import run_sweep
+    from semimed.tune import SweepInterrupted, resolve_storage, run_sweep
 
     log_path = sweep_progress.sweep_log_path(experiment)
     print(f"{len(space.trials)} trial(s); experiment directory: {experiment}")
     if not args.verbose:
         print(f"Ray's own output (tables, logs, the trials' output): {log_path}  (-v prints it here)")
-    with sweep_progress.quiet_output(log_path, args.verbose):
-        init_ray(args.address)
-        run_sweep(space, args.storage, resume=args.resume, cluster_config=args.cluster_config)
-        import ray
+    try:
+        with sweep_progress.quiet_output(log_path, args.verbose):
+            try:
+                init_ray(args.address)
+                run_sweep(space, args.storage, resume=args.resume, cluster_config=args.cluster_config)
+            finally:
+                ray.shutdown()  # inside: Ray's exit messages go to the log too
+    except SweepInterrupted as exc:
+        import shlex
 
-        ray.shutdown()  # inside: Ray's exit messages go to the log too
+        again = [
+            "semimed",
+            "sweep",
+            args.search_space,
+            *args.overrides,
+            "--storage",
+            resolve_storage(args.storage),
+        ]
+        again += ["--address", args.address] if args.address else []
+        again += ["--cluster-config", args.cluster_config] if args.cluster_config else []
+        again += (
+            ["--max-concurrent-trials", str(args.max_concurrent_trials)] if args.max_concurrent_trials else []
+        )
+        # ONE line (semimed.cli.main prints "semimed: interrupted; <this>"), and no footer: the sweep is not done.
+        raise KeyboardInterrupt(f"{exc}; resume: {shlex.join([*again, '--resume'])}") from None
     print(f"experiment directory: {experiment}")
     print(f"next: semimed report {experiment}    |    tensorboard --logdir {experiment}")
 
 
+def _check_storage(given: str | None) -> None:
+    """The results root (--storage, else $SEMIMED_STORAGE, else the default) can be written: checked before Ray
+    starts, so that a file, a read-only folder or an unreachable s3:// server is one line, at once."""
+    import os
+
+    from semimed import storage
+    from semimed.tune import resolve_storage
+
+    key = "--storage" if given else ("$SEMIMED_STORAGE" if os.environ.get("SEMIMED_STORAGE") else "storage")
+    storage.check_location(resolve_storage(given), key)
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
+    import os
     import warnings
 
+    from semimed import storage
+    from semimed.errors import SemimedWarning
     from semimed.report import write_report
 
+    if storage.is_uri(args.experiment_dir) or os.path.lexists(args.experiment_dir):  # missing: said below
+        storage.check_location(args.experiment_dir, "report: experiment folder")
     # The report's own warnings (skipped trials, unusable predictions) become plain lines after the tables;
     # unfinished trials are listed in the markdown itself.
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("ignore")  # other libraries' warnings: filtered, as for every command
+        warnings.simplefilter("always", SemimedWarning)
         _, text = write_report(args.experiment_dir)
     print(text)
     for message in dict.fromkeys(str(w.message) for w in caught):
@@ -80,8 +124,18 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    from semimed import storage
     from semimed.demo_run import run_demo
+    from semimed.files import check_output_dir
 
+    check_output_dir(args.out, "demo: --out")
+    if args.storage and storage.is_uri(args.storage):
+        raise SemimedError(
+            f"demo: --storage {args.storage}: the demo writes a local results folder; give a path (or use "
+            "semimed sweep search_spaces/demo.yaml --storage URI)"
+        )
+    if args.storage:
+        check_output_dir(args.storage, "demo: --storage")
     run_demo(
         Path(args.out),
         storage=args.storage,
@@ -181,7 +235,12 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
         "whole-section grid values (method.params.threshold under `method`) is set in each of them; a sampled "
         "key is an error; any other key sets the base config. The sweep prints where each one went",
     )
-    p.add_argument("--address", default=None, help="a Ray cluster (auto: the one this node belongs to)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="a Ray cluster's address, e.g. HEAD_IP:6379 or auto (the cluster this node belongs to); default: a "
+        "private local Ray",
+    )
     p.add_argument(
         "--storage",
         default=None,

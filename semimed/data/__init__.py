@@ -7,7 +7,7 @@ import line below (semimed/data/spec.py says what a spec declares).
 from __future__ import annotations
 
 from semimed.config import DataConfig
-from semimed.data import breakhis, chestxray14, medmnist  # noqa: F401  (importing a module registers it)
+from semimed.data import breakhis, chestxray14, imagefolder, manifest, medmnist  # noqa: F401  (registers)
 from semimed.data.base import LabeledImageSet
 from semimed.data.spec import DATASETS, DatasetSpec, register_dataset
 from semimed.errors import SemimedError, UnknownNameError

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from semimed.data.base import LabeledImageSet
+from semimed.data.base import LabeledImageSet, walk_files
 from semimed.data.spec import DatasetSpec, option, register_dataset
 from semimed.errors import SemimedError
 
@@ -41,6 +41,8 @@ TUMOR_TYPES: dict[str, tuple[str, str]] = {
 SUBTYPES: list[str] = [subtype for _, subtype in TUMOR_TYPES.values()]
 BINARY_CLASSES: list[str] = ["benign", "malignant"]
 TASKS: dict[str, list[str]] = {"binary": BINARY_CLASSES, "subtype": SUBTYPES}
+# The class whose sensitivity a binary study reports (data.positive_class overrides it).
+POSITIVE_CLASS: dict[str, str] = {"binary": "malignant"}
 MAGNIFICATIONS: tuple[int, ...] = (40, 100, 200, 400)
 # The release (Spanhol et al. 2016, Table 1), what `semimed prepare` checks a tree against: images per subtype at
 # (40X, 100X, 200X, 400X), and patients per subtype.
@@ -209,12 +211,9 @@ def load_breakhis(
     root = Path(root).resolve()
     breast = find_breakhis_root(root)
 
-    pngs: list[Path] = []
-    for folder, dirs, files in os.walk(breast):
-        # Hidden entries (.DS_Store, macOS "._" resource forks of every PNG) are archive debris, not images.
-        dirs[:] = [name for name in dirs if not name.startswith(".")]
-        pngs.extend(Path(folder, name) for name in files if name.lower().endswith(".png") and name[0] != ".")
-    pngs.sort(key=lambda path: path.relative_to(root).as_posix())  # os.walk order is filesystem-dependent
+    # Linked folders are followed when they stay inside root (hidden entries, archive debris, are skipped).
+    pngs = walk_files(breast, root, lambda name: name.lower().endswith(".png"))
+    pngs.sort(key=lambda path: path.relative_to(root).as_posix())
 
     rows = []
     for path in pngs:
@@ -242,6 +241,7 @@ def load_breakhis(
         multilabel=False,
         labels=labels,
         meta=meta,
+        positive_class=POSITIVE_CLASS.get(task),
     )
 
 

@@ -29,7 +29,6 @@ semimed/data keeps one module per dataset, which registers itself when imported 
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +37,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from semimed.data.base import LabeledImageSet
+from semimed.data.base import LabeledImageSet, walk_files
 from semimed.data.spec import DatasetSpec, option, register_dataset
-from semimed.errors import SemimedError
+from semimed.errors import SemimedError, SemimedWarning
 
 FINDINGS: list[str] = [
     "Atelectasis",
@@ -98,19 +97,15 @@ def _walk(root: Path) -> tuple[dict[str, list[str]], dict[str, list[tuple[int, s
     wanted = set(METADATA_NAMES) | {TEST_LIST, TRAIN_VAL_LIST}
     images: dict[str, list[str]] = {}
     found: dict[str, list[tuple[int, str]]] = {}
-    for folder, dirs, files in os.walk(root):
-        # Hidden entries (.DS_Store, macOS "._" forks of every PNG, our own cache staging) are never images.
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        rel_folder = Path(folder).relative_to(root)
-        depth = len(rel_folder.parts)
-        for name in files:
-            if name.startswith("."):
-                continue
-            rel = (rel_folder / name).as_posix()
-            if name.lower().endswith(".png"):
-                images.setdefault(name, []).append(rel)
-            elif name in wanted:
-                found.setdefault(name, []).append((depth, rel))
+    # Linked folders are followed when they stay inside root; hidden entries (.DS_Store, macOS "._" forks of
+    # every PNG, our own cache staging) are never images.
+    for path in walk_files(root, root, lambda name: name.lower().endswith(".png") or name in wanted):
+        rel_path = path.relative_to(root)
+        rel, name = rel_path.as_posix(), rel_path.name
+        if name.lower().endswith(".png"):
+            images.setdefault(name, []).append(rel)
+        else:
+            found.setdefault(name, []).append((len(rel_path.parts) - 1, rel))
     return images, found
 
 
@@ -247,7 +242,7 @@ def _pick_copy(root: Path, copies: list[str]) -> str:
         try:
             with Image.open(root / rel) as image:
                 return image.size[0] * image.size[1]
-        except (OSError, SyntaxError, ValueError):
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             return -1  # unreadable: any readable copy is better; the cache reports it if it is the only one
 
     return min(sorted(copies), key=lambda rel: -area(rel))
@@ -329,7 +324,7 @@ def load_chestxray14(root: str | Path, view: str = "all", drop_missing: bool = F
             f"dropped {dropped} of {int(keep.sum())} metadata rows whose image is missing "
             f"(drop_missing; first: {', '.join(examples)})"
         )
-        warnings.warn(note, RuntimeWarning, stacklevel=2)
+        warnings.warn(note, SemimedWarning, stacklevel=2)
         notes.append(note)
         keep &= present
     if not keep.any():
@@ -349,7 +344,7 @@ def load_chestxray14(root: str | Path, view: str = "all", drop_missing: bool = F
             f"{duplicated} image name(s) occur more than once under {root}; "
             "using the copy with the most pixels of each"
         )
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, SemimedWarning, stacklevel=2)
         notes.append(message)
 
     meta = table.iloc[rows].reset_index(drop=True)

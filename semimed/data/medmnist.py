@@ -9,13 +9,16 @@ no patient ids, so each image is its own "patient" (`patient_id` = path): semime
 disjointness here and says so in `dataset.notes` (hence in every split summary). The official splits are used.
 
 Class names come from a small table of the known files (MedMNIST's own `INFO` labels, snake_cased); an unknown
-file gets `class_0`, `class_1`, …. Downloading through the `medmnist` package is optional (`download_medmnist`);
+file (your own .npz) gets `data.options.class_names` in label order, else `class_0`, `class_1`, …; its positive
+class, if it has two, is data.positive_class (required). Downloading through the `medmnist` package is optional (`download_medmnist`);
 the loader itself only reads a local file.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import pandas as pd
 
 from semimed.data.base import LabeledImageSet
 from semimed.data.chestxray14 import FINDINGS
-from semimed.data.spec import DatasetSpec, NoOptions, register_dataset
+from semimed.data.spec import DatasetSpec, option, register_dataset
 from semimed.errors import SemimedError
 
 SPLITS = ("train", "val", "test")
@@ -57,6 +60,8 @@ CLASSES: dict[str, list[str]] = {
     "octmnist": ["choroidal_neovascularization", "diabetic_macular_edema", "drusen", "normal"],
     "retinamnist": ["grade_0", "grade_1", "grade_2", "grade_3", "grade_4"],
 }
+# flag -> the positive (disease) class of a two-class file: its sensitivity, specificity, ... are reported.
+POSITIVE_CLASS: dict[str, str] = {"breastmnist": "malignant", "pneumoniamnist": "pneumonia"}
 # flag -> (train, val, test) image counts of the release (what `semimed prepare` checks a file against).
 KNOWN_COUNTS: dict[str, tuple[int, int, int]] = {
     "breastmnist": (546, 78, 156),
@@ -169,8 +174,25 @@ def _images(npz, path: Path, split: str) -> np.ndarray:
     return _array(npz, path, key)
 
 
-def load_medmnist(root: str | Path) -> LabeledImageSet:
-    """Index a MedMNIST 2D `.npz` file (the labels are read now, the images on first use)."""
+def _named_classes(path: Path, flag: str, class_names: Sequence[str]) -> list[str] | None:
+    """`class_names` checked (distinct, non-empty; only for a file not in CLASSES), or None when not given."""
+    if not class_names:
+        return None
+    names = [str(name).strip() for name in class_names]
+    if "" in names or len(set(names)) != len(names):
+        raise SemimedError(f"{path}: data.options.class_names {names} must be distinct, non-empty names")
+    known = CLASSES.get(flag)
+    if known is not None and names != known:
+        raise SemimedError(
+            f"{path}: data.options.class_names is for a file semimed does not know; {flag}'s classes are "
+            f"{', '.join(known)}"
+        )
+    return names
+
+
+def load_medmnist(root: str | Path, class_names: Sequence[str] = ()) -> LabeledImageSet:
+    """Index a MedMNIST 2D `.npz` file (the labels are read now, the images on first use); `class_names`
+    names the classes of a file not in CLASSES, in label order."""
     path = Path(root).expanduser().resolve()
     if path.is_dir():
         raise SemimedError(f"{path}: is a folder; data.root for medmnist is the .npz file itself")
@@ -180,13 +202,21 @@ def load_medmnist(root: str | Path) -> LabeledImageSet:
         for split in SPLITS:
             shape, dtype = _header(npz, path, f"{split}_images")
             _check_images(path, f"{split}_images", shape, dtype)
-            split_labels = _array(npz, path, f"{split}_labels")
-            if len(split_labels) != shape[0]:
+            if shape[0] == 0 and split != "val":
+                # Not a usable release; an empty val is fine (make_split carves val from train instead).
                 raise SemimedError(
-                    f"{path}: {split}_labels has {len(split_labels)} rows but {split}_images has {shape[0]}"
+                    f"{path}: {split}_images holds 0 images (shape {list(shape)}); a MedMNIST file needs "
+                    "training and test images"
+                )
+            split_labels = _array(npz, path, f"{split}_labels")
+            if split_labels.ndim == 0 or len(split_labels) != shape[0]:
+                rows = "no" if split_labels.ndim == 0 else len(split_labels)
+                raise SemimedError(
+                    f"{path}: {split}_labels has {rows} rows but {split}_images has {shape[0]}"
                 )
             offsets[split] = sum(len(x) for x in labels)
-            labels.append(split_labels.reshape(len(split_labels), -1))
+            # Explicit width, not -1: numpy cannot infer it for an empty split (an empty val is allowed).
+            labels.append(split_labels.reshape(len(split_labels), int(np.prod(split_labels.shape[1:]))))
             shapes.append(shape[1:])
             official += [split] * shape[0]
     if len({shape for shape in shapes}) != 1:
@@ -200,18 +230,25 @@ def load_medmnist(root: str | Path) -> LabeledImageSet:
     if multilabel and not np.isin(matrix, (0, 1)).all():
         raise SemimedError(f"{path}: multi-label labels must be 0/1")
     known = CLASSES.get(flag)
+    named = _named_classes(path, flag, class_names)
+    owner = "data.options.class_names" if named else flag
     if multilabel:
-        classes = known or [f"class_{k}" for k in range(matrix.shape[1])]
+        classes = named or known or [f"class_{k}" for k in range(matrix.shape[1])]
         if len(classes) != matrix.shape[1]:
             raise SemimedError(
-                f"{path}: {flag} has {len(classes)} findings but the labels have {matrix.shape[1]} columns"
+                f"{path}: {owner} has {len(classes)} names but the labels have {matrix.shape[1]} columns"
             )
         targets = matrix.astype(np.float32)
     else:
         values = matrix[:, 0]
         if not np.array_equal(values, np.round(values)) or values.min() < 0:
             raise SemimedError(f"{path}: single-label labels must be non-negative integers")
-        classes = known or [f"class_{k}" for k in range(int(values.max()) + 1)]
+        classes = named or known or [f"class_{k}" for k in range(int(values.max()) + 1)]
+        if named and len(named) != int(values.max()) + 1:
+            raise SemimedError(
+                f"{path}: data.options.class_names has {len(named)} names but the labels are 0..{int(values.max())}"
+                f" ({int(values.max()) + 1} classes)"
+            )
         if values.max() >= len(classes):
             raise SemimedError(
                 f"{path}: label {int(values.max())} is out of range for {flag}'s "
@@ -235,6 +272,7 @@ def load_medmnist(root: str | Path) -> LabeledImageSet:
         reader=NpzReader(path, offsets),
         official_split=official_split,
         notes=[NO_PATIENT_NOTE],
+        positive_class=POSITIVE_CLASS.get(flag) if known else None,
     )
 
 
@@ -279,8 +317,16 @@ def download_medmnist(flag: str, folder: str | Path, size: int = 28) -> Path:
 # ------------------------------------------------------------------------------------------------ registration
 
 
-def _load(root: Path, task: str, options: Any) -> LabeledImageSet:
-    return load_medmnist(root)
+@dataclass(frozen=True)
+class MedMnistOptions:
+    class_names: list[str] = option(
+        [],
+        "the class names, in label order, of an .npz semimed does not know (your own file); default class_0, …",
+    )
+
+
+def _load(root: Path, task: str, options: MedMnistOptions) -> LabeledImageSet:
+    return load_medmnist(root, options.class_names)
 
 
 def check_release(dataset: LabeledImageSet, options: Any) -> tuple[dict[str, int] | None, list[str]]:
@@ -306,7 +352,7 @@ SPEC = register_dataset(
         name="medmnist",
         description="MedMNIST v2/v3 (Yang et al. 2023): any 2D .npz of the release, 28 px or MedMNIST+ sizes",
         root_help="the .npz file itself (e.g. breastmnist.npz, pneumoniamnist_224.npz)",
-        options=NoOptions,
+        options=MedMnistOptions,
         tasks=("default",),
         default_task="default",
         task_help="the labels the file holds: single- or multi-label by the label array's shape",

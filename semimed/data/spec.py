@@ -8,6 +8,8 @@ Each dataset module registers one `DatasetSpec` (timm's "one registry that tests
   `metadata["help"]` and, where the set is closed, `metadata["choices"]` (the `option()` helper writes both).
   `data.options` in a config is checked against it (semimed.config), and `semimed split|prepare` turn each field
   into a flag (`--magnification`, `--drop-missing`), so adding a dataset never touches the config or the CLI.
+  Field types: str, int, float, bool, or list[str] (a YAML list in a config; `--label-columns A,B` as a flag,
+  and `data.options.label_columns=A,B` as an override: semimed.config splits a string at commas).
 - `load(root, task, options) -> LabeledImageSet` parses metadata only; `task` is one of `tasks`.
 - `check_release(dataset, options) -> (expected, missing)` compares a load with the full release (what
   `semimed prepare` reports): `expected` is {"images", "patients"} or None where the release is unknown.
@@ -36,10 +38,14 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> A
     """A dataset option field: its default, a help text (the CLI flag's), and the closed set of values if any.
 
     `choices` uses the same metadata key as `semimed.config.choices`, so the config's closed-set check applies.
+    A list default (a `list[str]` option: YAML list in a config, comma-separated as a flag) becomes a default
+    factory, so no two option objects share one list.
     """
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = tuple(choices)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -76,7 +82,7 @@ class DatasetSpec:
                 raise TypeError(
                     f"dataset {self.name!r}: option {item.name!r} has no help text (use option())"
                 )
-            if item.default is dataclasses.MISSING:
+            if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
                 raise TypeError(f"dataset {self.name!r}: option {item.name!r} has no default")
         if not self.tasks or self.default_task not in self.tasks:
             raise TypeError(f"dataset {self.name!r}: default task {self.default_task!r} not in {self.tasks}")
@@ -90,6 +96,11 @@ class DatasetSpec:
     def make_options(self, values: dict[str, Any]) -> Any:
         """The options dataclass from a (validated, see semimed.config) `data.options` mapping."""
         return self.options(**values)
+
+
+def no_release(dataset: LabeledImageSet, options: Any) -> tuple[None, list[str]]:
+    """`check_release` of a user's own data: there is no published release to compare a load with."""
+    return None, []
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")

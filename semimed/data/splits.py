@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from semimed.data.base import LabeledImageSet
-from semimed.errors import SemimedError
+from semimed.errors import SemimedError, SemimedWarning
 from semimed.files import atomic_write_text
 
 VAL_POLICIES = ("full", "fraction", "none")
+PARTS = ("train", "val", "test", "labeled", "unlabeled")  # the lists of image paths a split holds
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,69 @@ class Split:
         known = set(cls.__dataclass_fields__)
         # Keys beyond the documented nine are optional: a hand-written split JSON may leave them out.
         payload = {"val_policy": "full", "classes": [], **payload}
-        return cls(**{k: v for k, v in payload.items() if k in known})
+        split = cls(**{k: v for k, v in payload.items() if k in known})
+        split.check_parts(path)
+        return split
+
+    def check_parts(self, source: str | Path) -> None:
+        """Raise unless the parts are lists of distinct image paths, train/val/test are disjoint and labeled and
+        unlabeled are disjoint parts of train. A hand-made split that lists test images in train would
+        otherwise train on them and report a perfect test score; `source` (the file) is named in the error."""
+        for name in PARTS:
+            paths = getattr(self, name)
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise SemimedError(f"{source}: split part {name!r} must be a list of image paths")
+            seen: set[str] = set()
+            for p in paths:
+                if p in seen:
+                    raise SemimedError(f"{source}: split part {name!r} lists image {p!r} twice")
+                seen.add(p)
+        sets = {name: set(getattr(self, name)) for name in PARTS}
+        for first, second in (("train", "val"), ("train", "test"), ("val", "test"), ("labeled", "unlabeled")):
+            shared = [p for p in getattr(self, second) if p in sets[first]]
+            if shared:
+                raise SemimedError(
+                    f"{source}: split parts {first!r} and {second!r} share {len(shared)} image(s), "
+                    f"e.g. {shared[0]!r}; they must be disjoint"
+                )
+        for name in ("labeled", "unlabeled"):
+            outside = [p for p in getattr(self, name) if p not in sets["train"]]
+            if outside:
+                raise SemimedError(
+                    f"{source}: split part {name!r} has {len(outside)} image(s) not in 'train', "
+                    f"e.g. {outside[0]!r}; labeled and unlabeled images are part of train"
+                )
+
+    def check_patients(self, dataset: LabeledImageSet, source: str | Path) -> None:
+        """Raise unless every image of the split is in `dataset` and no patient has images in two of
+        train/val/test (a patient's images are near-duplicates: seen in training, they inflate test scores).
+        For a dataset without patient ids (MedMNIST: one image, one patient) this is `check_parts`' check."""
+        row_of = {path: i for i, path in enumerate(dataset.meta["path"])}
+        patients = dataset.patients.astype(str).tolist()  # str, not np.str_: quoted plainly in messages
+        # patient -> (the first part it is seen in, an image of it there)
+        part_of: dict[str, tuple[str, str]] = {}
+        for name in PARTS:
+            missing = [p for p in getattr(self, name) if p not in row_of]
+            if missing:
+                raise SemimedError(
+                    f"{source}: split part {name!r} names {len(missing)} image(s) absent from the dataset at "
+                    f"{dataset.root}, e.g. {missing[0]!r}"
+                )
+        for name in ("train", "val", "test"):
+            for p in getattr(self, name):
+                patient = patients[row_of[p]]
+                first, image = part_of.setdefault(patient, (name, p))
+                if first != name:
+                    raise SemimedError(
+                        f"{source}: patient {patient!r} has images in both split parts {first!r} ({image!r}) "
+                        f"and {name!r} ({p!r}); train/val/test must be patient-disjoint"
+                    )
 
     def indices(self, dataset: LabeledImageSet) -> dict[str, np.ndarray]:
         """Row indices into `dataset` for each of train/val/test/labeled/unlabeled."""
         row_of = {path: i for i, path in enumerate(dataset.meta["path"])}
         out = {}
-        for name in ("train", "val", "test", "labeled", "unlabeled"):
+        for name in PARTS:
             paths = getattr(self, name)
             missing = [p for p in paths if p not in row_of]
             if missing:
@@ -230,7 +287,7 @@ def make_split(
         message = f"no positive training image for: {', '.join(absent)}"
         if not dataset.multilabel:
             raise SemimedError(f"{dataset.name}: {message} (too few patients to split)")
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, SemimedWarning, stacklevel=2)
         notes.append(message)
     labeled = rows["train"][
         labeled_subset(matrix[rows["train"]], fraction, label_rng, dataset.classes, dataset.multilabel)

@@ -104,6 +104,7 @@ class RunData:
     # Views yield uint8 images; the engine normalizes them on the device with this (None: 0.5/0.5).
     normalize: Normalizer | None = None
     paths: np.ndarray | None = None  # per dataset row: the image path (for per-image predictions)
+    positive: int | None = None  # a binary task's positive class index (data.positive_class); None otherwise
 
     def __post_init__(self) -> None:
         self.rows = {name: np.asarray(self.rows.get(name, []), dtype=np.int64) for name in _PARTS}

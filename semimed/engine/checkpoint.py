@@ -57,15 +57,20 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(folder: str | Path) -> dict[str, Any]:
+    from semimed.models.checkpoints import UnsafePickleError, load_torch_file
+
     path = Path(folder) / "state.pt"
+    if not path.is_file():
+        raise SemimedError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SemimedError(f"{path}: checkpoint not found") from None
-    except Exception as exc:
-        raise SemimedError(
-            f"{path}: not a loadable semimed checkpoint ({type(exc).__name__}: {exc})"
-        ) from None
+        state = load_torch_file(path)
+    except UnsafePickleError as exc:
+        raise SemimedError(f"{path}: not a loadable semimed checkpoint ({exc}; never unpickled)") from None
+    except SemimedError as exc:  # semimed's words: torch's advise to retry with weights_only=False is dropped
+        raise SemimedError(f"{path}: not a semimed checkpoint ({exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("method"), dict):
+        raise SemimedError(f"{path}: not a semimed checkpoint (no 'method' state: another program's file?)")
+    return state
 
 
 def save_checkpoint(state: dict[str, Any], folder: Path, step: int) -> Path:

@@ -25,7 +25,7 @@ from semimed.data.augment import Normalizer
 from semimed.data.views import ImageView, RunData, eval_loader
 from semimed.engine.checkpoint import load_canonical_state, method_state
 from semimed.engine.ema import WeightEMA
-from semimed.errors import SemimedError
+from semimed.errors import SemimedError, SemimedWarning
 from semimed.files import publish, staging_path
 from semimed.losses import probabilities
 from semimed.methods.base import Method
@@ -156,7 +156,7 @@ class Evaluator:
             thresholds = choose_thresholds(targets, scores, "youden", classes=self.data.classes)
         patients = self.data.patient_ids[rows] if self.data.patient_ids is not None else None
         metrics = evaluate_scores(
-            targets, scores, self.data.classes, self.data.multilabel, patients, thresholds
+            targets, scores, self.data.classes, self.data.multilabel, patients, thresholds, self.data.positive
         )
         return Scored(metrics, thresholds, rows, scores)
 
@@ -184,13 +184,15 @@ class Evaluator:
             warnings.warn(
                 f"val/{self.select_metric} was never defined during training; the test metrics are those of the "
                 "last checkpoint",
-                RuntimeWarning,
+                SemimedWarning,
                 stacklevel=2,
             )
         final: dict[str, Any] = {
             "selected_step": self.best.step if selected else steps,
             "reported_checkpoint": "selected" if selected else "last",
             "select_metric": self.select_metric,
+            # The class whose sensitivity, specificity, ... the binary headline metrics are (None otherwise).
+            "positive_class": None if self.data.positive is None else self.data.classes[self.data.positive],
             "evaluated_model": self.method.evaluated_model()
             + (f" (EMA {self.ema.decay:g})" if self.ema is not None else ""),
         }

@@ -30,6 +30,14 @@ class Tensorboard:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
                 self.writer.add_scalar(key, value, step)
 
+    def texts(self, values: dict[str, object], step: int) -> None:
+        """The run's facts that are words (positive class, evaluated model, reported checkpoint): TEXT tab."""
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, str):
+                self.writer.add_text(key, value, step)
+
     def images(self, grids: dict[str, torch.Tensor], step: int) -> None:
         if self.writer is None:
             return
@@ -39,6 +47,12 @@ class Tensorboard:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def bar_disabled(show: bool) -> bool | None:
+    """tqdm's `disable` for a bar that is wanted (`show`) only on a terminal: None makes tqdm check that the
+    stream it writes to is a TTY. In a log file or pipe a bar is `\\r`-separated redraws on one endless line."""
+    return None if show else True
 
 
 class TrainLog:
@@ -59,7 +73,7 @@ class TrainLog:
             desc="train",
             unit="step",
             mininterval=5.0,
-            disable=not show_progress,
+            disable=bar_disabled(show_progress),
         )
 
     def record(self, out: StepOutput, images: int) -> None:

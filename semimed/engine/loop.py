@@ -306,6 +306,7 @@ class _Run:
         test_metrics, predictions = self.evaluator.finish(self.cfg.steps)
         final.update(test_metrics)
         self.board.scalars({k: v for k, v in final.items() if k.startswith("test")}, self.cfg.steps)
+        self.board.texts(final, self.cfg.steps)
         self.board.close()
         if self.rank == 0 and self.run_dir is not None:
             # The run is over: its last checkpoint holds the last weights and the val-selected ones (its "best"),

@@ -7,10 +7,14 @@ A new method is one file: subclass `Method`, declare `needs`, write `train_step`
 
 from __future__ import annotations
 
+import collections.abc
+import difflib
 import inspect
+import types
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -112,6 +116,14 @@ class Method(nn.Module):
     # False for self-supervised pretraining: nothing to evaluate on val/test (the engine never shows those images
     # to it); what it produces is its backbone.
     classifies: bool = True
+    # Value rules of hyperparameters, checked at config load (`check_params`) beside the types of __init__'s
+    # annotations: an interval ("[0, 1]", "(0, inf)"; each number of a list) or a tuple of the valid values.
+    # A subclass's rules add to its parents' (FlexMatch adds `mapping` to FixMatch's).
+    param_rules: ClassVar[dict[str, str | tuple[Any, ...]]] = {}
+    # True for a method meant to start from pretrained weights (finetune): config check warns when none are
+    # given (model.pretrained, model.pretrained_checkpoint or pretrain.method), since it then trains from
+    # scratch, which is allowed but rarely meant.
+    expects_pretrained: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, num_classes: int, multilabel: bool) -> None:
         super().__init__()
@@ -144,6 +156,38 @@ class Method(nn.Module):
     def evaluated_model(self) -> str:
         """A word for the report: which network the test metrics come from."""
         return "model"
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any], where: str = "method.params") -> dict[str, Any]:
+        """`params` checked against __init__'s annotations and `param_rules` before any model or data exists,
+        as one-line errors naming `where`.<key> and the value; returns them with text converted to the
+        annotated type ("1e-3" -> 0.001, which YAML 1.1 reads as text). Overrides add checks that need
+        several parameters (and call this)."""
+        try:
+            hints = typing.get_type_hints(cls.__init__)
+        except (NameError, TypeError):  # an annotation importable only for type checkers: ranges only
+            hints = {}
+        rules: dict[str, str | tuple[Any, ...]] = {}
+        for klass in reversed(cls.__mro__):
+            rules.update(vars(klass).get("param_rules", {}))
+        checked = {}
+        for key, value in params.items():
+            rule = rules.get(key)
+            valid = f"; valid: {', '.join(map(str, rule))}" if isinstance(rule, tuple) else ""
+            value = _conform(value, hints.get(key, Any), f"{where}.{key}", valid)
+            if isinstance(rule, tuple) and value not in rule:
+                raise SemimedError(f"unknown {where}.{key} {value!r}{valid}")
+            if isinstance(rule, str):
+                from semimed.config import check_range
+
+                check_range(value, rule, f"{where}.{key}")
+            checked[key] = value
+        return checked
+
+    @classmethod
+    def check_with_config(cls, params: dict[str, Any], cfg: Any) -> None:
+        """Checks of the (checked) params against the rest of the run config `cfg` (a semimed.config.Config),
+        at config load: e.g. a size that must equal data.image_size. Default: none."""
 
     @classmethod
     def evaluates_trained_weights(cls, params: dict[str, Any]) -> bool:
@@ -193,20 +237,91 @@ def method_parameters(name: str) -> list[str]:
     return [p for p in inspect.signature(factory.__init__).parameters if p not in _CONSTRUCTOR_ARGS]
 
 
-def check_method(name: str, params: dict[str, Any]) -> None:
-    """Raise if `name` is no method or `params` holds a keyword its __init__ does not take (cheap: no model)."""
+def check_method(name: str, params: Any, where: str = "method.params") -> dict[str, Any]:
+    """Raise if `name` is no method, `params` holds a keyword its __init__ does not take, or a value of the
+    wrong type or out of range (`Method.check_params`; cheap: no model, no data). Returns the params with
+    text converted to the annotated types. `where` names the params in messages (pretrain.params)."""
+    if not isinstance(params, dict):
+        raise SemimedError(f"{where}: expected a mapping, got {type(params).__name__}")
     accepted = method_parameters(name)
-    unknown = sorted(set(params) - set(accepted))
+    unknown = sorted(set(params) - set(accepted), key=str)
     if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise SemimedError(
-            f"unknown parameter(s) {', '.join(unknown)} for method {name!r}; valid: {', '.join(accepted) or 'none'}"
+            f"unknown parameter(s) {', '.join(map(str, unknown))} for method {name!r}; valid: "
+            f"{', '.join(accepted) or 'none'}{hint}"
         )
-    check = getattr(METHODS.get(name), "check_params", None)  # a method's own value checks, before any data
-    if check is not None:
-        check(params)
+    return METHODS.get(name).check_params(params, where)
 
 
 def create_method(name: str, model: nn.Module, num_classes: int, multilabel: bool, **params: Any) -> Method:
     """Build a method by name; unknown names or hyperparameters raise with the valid ones listed."""
-    check_method(name, params)
+    params = check_method(name, params)
     return METHODS.get(name)(model=model, num_classes=num_classes, multilabel=multilabel, **params)
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _conform(value: Any, hint: Any, key: str, valid: str = "") -> Any:
+    """`value` if it fits the annotation `hint` (a union: any of its members), text converted to a number
+    or bool where the hint asks for one; else a SemimedError naming `key`, the value and the type."""
+    if hint is Any:
+        return value
+    options = (
+        typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        else (hint,)
+    )
+    for option in options:
+        try:
+            return _conform_one(value, option)
+        except (TypeError, ValueError, OverflowError):
+            continue
+    kinds = " or ".join(_type_name(option) for option in options)
+    raise SemimedError(f"{key}: {value!r} is not a valid {kinds}{valid}")
+
+
+def _conform_one(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is type(None):
+        if value is not None:
+            raise TypeError
+        return None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise TypeError
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        number = float(value) if isinstance(value, (float, str)) else value
+        if isinstance(number, float) and not number.is_integer():
+            raise ValueError
+        return int(number) if not isinstance(value, int) else value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        return float(value) if isinstance(value, str) else value  # an int is a valid float (kept as given)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return [value_ if item is Any else _conform_one(value_, item) for value_ in value]
+    return value  # an annotation without a rule here (a module, a callable): __init__ checks it
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) in (list, tuple, collections.abc.Sequence):
+        args = typing.get_args(hint)
+        return f"list of {_type_name(args[0]) if args else 'values'}"
+    return getattr(hint, "__name__", str(hint))

@@ -11,6 +11,7 @@ from torch import nn
 from semimed.methods.base import METHODS, Batch, DataInfo, StepOutput
 from semimed.methods.common import Embedder, SelfSupervised
 from semimed.models.parts import unwrap_model as unwrap
+from semimed.optional import require
 
 
 @METHODS.register("byol")
@@ -26,6 +27,8 @@ class BYOL(SelfSupervised):
     Reads no label and no val/test image. Shapes: views [N, C, H, W]; projections [N, projection_dim].
     """
 
+    param_rules = {"projection_dim": "[1, inf)", "hidden_dim": "[1, inf)", "momentum": "[0, 1]"}
+
     def __init__(
         self,
         model: nn.Module,
@@ -35,6 +38,7 @@ class BYOL(SelfSupervised):
         hidden_dim: int = 512,
         momentum: float = 0.99,
     ) -> None:
+        require("lightly", "selfsup", "method byol")
         from lightly.loss import NegativeCosineSimilarity
         from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 

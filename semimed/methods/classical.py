@@ -25,6 +25,7 @@ from semimed.classical.classifiers import SEMI_SUPERVISED, ClassicalModel, resol
 from semimed.classical.features import FEATURE_SETS
 from semimed.errors import SemimedError
 from semimed.methods.base import METHODS, Batch, Method, Needs, StepOutput
+from semimed.optional import require
 
 NO_NETWORK = "method classical (hand-crafted features + scikit-learn) fits in closed form and has no network"
 
@@ -59,6 +60,8 @@ class Classical(Method):
             raise SemimedError(
                 f"unknown method.params.features {features!r}; valid: {', '.join(FEATURE_SETS)}"
             )
+        if set(FEATURE_SETS[features]) - {"color"}:  # GLCM, LBP and HOG are scikit-image's
+            require("skimage", "classical", f"method classical (features {features})", "scikit-image")
         given = {
             "C": C,
             "gamma": gamma,
@@ -75,10 +78,17 @@ class Classical(Method):
         self.params = resolve_params(classifier, given)
         self.fit_logs: dict[str, float] = {}
 
+    param_rules = {"features": tuple(FEATURE_SETS)}
+
     @classmethod
-    def check_params(cls, params: dict[str, Any]) -> None:
-        """What `check_method` can call at config load, before any data (cheap: no features, no fit)."""
-        cls(None, 2, False, **params)
+    def check_params(cls, params: dict[str, Any], where: str = "method.params") -> dict[str, Any]:
+        """What `check_method` calls at config load, before any data (cheap: no features, no fit): the
+        classifier's own checks (semimed/classical/classifiers.py), then the annotations' types."""
+        try:
+            cls(None, 2, False, **params)
+        except TypeError:  # a value of the wrong kind (features: [glcm, lbp]): the typed check names it
+            pass
+        return super().check_params(params, where)
 
     @property
     def needs(self) -> Needs:  # type: ignore[override]

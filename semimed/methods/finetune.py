@@ -40,6 +40,14 @@ STRATEGIES = ("linear_probe", "full", "gradual")
 class FineTune(Method):
     """Supervised loss on the labeled batch, with a freezing schedule and per-layer learning rates."""
 
+    expects_pretrained = True  # from scratch it is plain supervised training: config check says so
+    param_rules = {
+        "strategy": STRATEGIES,
+        "probe_steps": "[0, inf)",
+        "trunk_lr_scale": "[0, inf)",
+        "layer_decay": "(0, 1]",
+    }
+
     def __init__(
         self,
         model: nn.Module,

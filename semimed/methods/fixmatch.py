@@ -47,6 +47,7 @@ class FixMatch(AlignsDistribution, Method):
     """
 
     needs = Needs(unlabeled=("weak", "strong"))
+    param_rules = {"threshold": "[0, 1]", "negative_threshold": "[0, 1]", "lambda_u": "[0, inf)"}
 
     def __init__(
         self,

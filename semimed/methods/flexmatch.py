@@ -43,6 +43,7 @@ class FlexMatch(FixMatch):
     """
 
     supports_multilabel = False
+    param_rules = {"mapping": MAPPINGS}  # with FixMatch's
 
     def __init__(
         self,

@@ -4,6 +4,8 @@ discriminator, with a "fake" class beside the K real ones; the generator is trai
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,31 @@ class GanSSL(Method):
     """
 
     needs = Needs(unlabeled=("weak",))
+    param_rules = {
+        "image_size": "[1, inf)",
+        "channels": "[1, inf)",
+        "latent_dim": "[1, inf)",
+        "generator_width": "[1, inf)",
+        "generator_lr": "(0, inf)",
+        "generator_beta1": "[0, 1)",
+        "lambda_u": "[0, inf)",
+        "samples": "[1, inf)",
+    }
+
+    @classmethod
+    def check_with_config(cls, params: dict[str, Any], cfg: Any) -> None:
+        # The generator is sized by image_size; a mismatch would only stop at the first training step.
+        size = params.get("image_size")
+        if size is None:
+            raise SemimedError(
+                f"gan_ssl: set method.params.image_size to data.image_size ({cfg.data.image_size}; it sizes "
+                "the generator)"
+            )
+        if size != cfg.data.image_size:
+            raise SemimedError(
+                f"method.params.image_size={size} must equal data.image_size={cfg.data.image_size} "
+                "(it sizes gan_ssl's generator)"
+            )
 
     def __init__(
         self,

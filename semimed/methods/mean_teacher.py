@@ -45,6 +45,13 @@ class MeanTeacher(Method):
     argmax — multi-label: p >= 0.5 — against the hidden labels; never trained on).
     """
 
+    param_rules = {
+        "ema_decay": "[0, 1)",
+        "lambda_u": "[0, inf)",
+        "rampup_steps": "[0, inf)",
+        "student_view": STUDENT_VIEWS,
+    }
+
     def __init__(
         self,
         model: nn.Module,

@@ -43,6 +43,12 @@ class PseudoLabel(AlignsDistribution, Method):
     """
 
     needs = Needs(unlabeled=("weak",))
+    param_rules = {
+        "threshold": "[0, 1]",
+        "negative_threshold": "[0, 1]",
+        "lambda_u": "[0, inf)",
+        "rampup_steps": "[0, inf)",
+    }
 
     def __init__(
         self,

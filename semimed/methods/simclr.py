@@ -10,6 +10,7 @@ from torch import nn
 
 from semimed.methods.base import METHODS, Batch, StepOutput
 from semimed.methods.common import Embedder, SelfSupervised
+from semimed.optional import require
 
 
 @METHODS.register("simclr")
@@ -25,6 +26,8 @@ class SimCLR(SelfSupervised):
     Shapes: batch.u_strong, batch.u_strong_2 [N, C, H, W]; z [2N, projection_dim].
     """
 
+    param_rules = {"temperature": "(0, inf)", "projection_dim": "[1, inf)", "hidden_dim": "[1, inf)"}
+
     def __init__(
         self,
         model: nn.Module,
@@ -34,6 +37,7 @@ class SimCLR(SelfSupervised):
         projection_dim: int = 128,
         hidden_dim: int = 512,
     ) -> None:
+        require("lightly", "selfsup", "method simclr")
         from lightly.loss import NTXentLoss
         from lightly.models.modules import SimCLRProjectionHead
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from semimed.errors import SemimedError
+from semimed.errors import SemimedError, SemimedWarning
 
 THRESHOLD_RULES = ("youden", "f1")
 
@@ -28,7 +28,7 @@ THRESHOLD_RULES = ("youden", "f1")
 
 def _warn(message: str) -> None:
     # stacklevel=3 skips _warn and its caller, so a direct roc_auc(...) call points at the user's line.
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, SemimedWarning, stacklevel=3)
 
 
 def _label(name: str | None) -> str:

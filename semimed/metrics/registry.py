@@ -2,7 +2,8 @@
 scores with an explicit `average`, and everything that names metrics (the engine's evaluation,
 `train.select_metric`, what goes to Ray Tune, the report) reads the names from here.
 
-A metric applies to some tasks: "binary" (single-label, K = 2; class index 1 is the positive, disease class),
+A metric applies to some tasks: "binary" (single-label, K = 2; the dataset declares which class is positive: a
+run's `data.positive_class`, e.g. `malignant`, passed here as `positive`; class index 1 when none is passed),
 "multiclass" (single-label, K > 2) and "multilabel" (K findings, NaN = unknown label). A per-class metric
 (`per_class=True`) gives one value per class, reported as `<name>/<class>`.
 
@@ -45,7 +46,9 @@ class Scores:
 
     y_true: int [N] (single-label) or float [N, K] with NaN = unknown (multi-label); scores: float [N, K]
     (softmax or sigmoid probabilities); patient_ids: optional [N]; thresholds: multi-label decision thresholds
-    [K] (default 0.5; a prediction is positive when score >= threshold).
+    [K] (default 0.5; a prediction is positive when score >= threshold); positive: the index of the positive class
+    of a binary task (its sensitivity, specificity, precision, F1, ROC-AUC and AP are the headline numbers), 1
+    when None.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class Scores:
         multilabel: bool,
         patient_ids: np.ndarray | None = None,
         thresholds: np.ndarray | None = None,
+        positive: int | None = None,
     ) -> None:
         self.multilabel, self.patient_ids = multilabel, patient_ids
         if multilabel:
@@ -85,6 +89,11 @@ class Scores:
             self.confusion = confusion_matrix(y, self.predicted, self.k)  # also validates the range of y_true
             self.y = y.astype(np.int64)
         self.task = task_of(self.k, multilabel)
+        if positive is not None and (self.task != "binary" or positive not in (0, 1)):
+            raise SemimedError(
+                f"positive class index {positive} given for a {self.task} task of {self.k} classes"
+            )
+        self.positive = 1 if positive is None else int(positive)
 
     # ------------------------------------------------------------------------------ per-class, computed once
     @cached_property
@@ -137,7 +146,7 @@ class Metric:
     name: str
     compute: Callable[[Scores], float | list[float]]
     tasks: tuple[str, ...]
-    average: str  # how per-class values become the number: "positive class (index 1)", "macro", ...
+    average: str  # how per-class values become the number: "positive class", "macro", ...
     per_class: bool = False
     selectable: bool = True  # may be train.select_metric (and Tune's search metric): higher is better
     needs_patients: bool = False
@@ -193,12 +202,16 @@ def evaluate_scores(
     multilabel: bool,
     patient_ids: np.ndarray | None = None,
     thresholds: np.ndarray | None = None,
+    positive: int | None = None,
 ) -> dict[str, float]:
     """Every registered metric that applies: a flat dict {name: value, name/<class>: value}.
 
-    patient_ids apply to single-label tasks only (patient_accuracy); thresholds to multi-label only.
+    patient_ids apply to single-label tasks only (patient_accuracy); thresholds to multi-label only; positive
+    (the positive class's index) to binary tasks only.
     """
-    inputs = Scores(y_true, scores, classes, multilabel, None if multilabel else patient_ids, thresholds)
+    inputs = Scores(
+        y_true, scores, classes, multilabel, None if multilabel else patient_ids, thresholds, positive
+    )
     out: dict[str, float] = {}
     for metric in metrics_for(inputs.task, inputs.patient_ids is not None):
         value = metric.compute(inputs)
@@ -211,10 +224,14 @@ def evaluate_scores(
 
 
 def single_label_metrics(
-    y_true: np.ndarray, probs: np.ndarray, classes: list[str], patient_ids: np.ndarray | None = None
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    patient_ids: np.ndarray | None = None,
+    positive: int | None = None,
 ) -> dict[str, float]:
     """`evaluate_scores` of a single-label (binary or multi-class) classifier; the prediction is argmax."""
-    return evaluate_scores(y_true, probs, classes, False, patient_ids=patient_ids)
+    return evaluate_scores(y_true, probs, classes, False, patient_ids=patient_ids, positive=positive)
 
 
 def multilabel_metrics(
@@ -239,16 +256,19 @@ def _balanced_accuracy(s: Scores) -> float:
 
 
 @register_metric(
-    "roc_auc", TASKS, "binary: positive class (index 1); multiclass: macro one-vs-rest; multilabel: macro"
+    "roc_auc", TASKS, "binary: the positive class; multiclass: macro one-vs-rest; multilabel: macro"
 )
 def _roc_auc(s: Scores) -> float:
     values = s.per_class["roc_auc"]
-    return values[1] if s.task == "binary" else nanmean(values)
+    return values[s.positive] if s.task == "binary" else nanmean(values)
 
 
-@register_metric("average_precision", TASKS, "macro over classes (findings)")
+@register_metric("average_precision", TASKS, "binary: the positive class; else macro over classes (findings)")
 def _average_precision(s: Scores) -> float:
-    return nanmean(s.per_class["average_precision"])
+    # Binary: the AP a reader means (scikit-learn's average_precision_score with pos_label); the other class's
+    # AP is reported beside it as average_precision/<class>.
+    values = s.per_class["average_precision"]
+    return values[s.positive] if s.task == "binary" else nanmean(values)
 
 
 @register_metric("roc_auc_macro", ("multilabel",), "macro over findings (alias of roc_auc)")
@@ -272,7 +292,7 @@ def _register_ratio(name: str, tasks: Sequence[str]) -> None:
         lambda s: nanmean(s.per_class[name])
     )
     if "binary" in tasks:
-        register_metric(name, ("binary",), "positive class (index 1)")(lambda s: s.per_class[name][1])
+        register_metric(name, ("binary",), "the positive class")(lambda s: s.per_class[name][s.positive])
 
 
 for _name in ("sensitivity", "specificity"):

@@ -35,7 +35,7 @@ import timm
 import torch
 from torch import nn
 
-from semimed.errors import SemimedError, UnknownNameError
+from semimed.errors import SemimedError, SemimedWarning, UnknownNameError
 from semimed.models.checkpoints import load_backbone_checkpoint
 from semimed.registry import Registry
 
@@ -166,7 +166,7 @@ def create_backbone(
         report = load_backbone_checkpoint(model, checkpoint, name=name)
         model.checkpoint_report = report
         if report.dropped or report.adapted:
-            warnings.warn(report.summary(), RuntimeWarning, stacklevel=2)
+            warnings.warn(report.summary(), SemimedWarning, stacklevel=2)
     return model
 
 

@@ -169,6 +169,40 @@ def _resolve_checkpoint(path: Path) -> tuple[Path, str]:
     return path, ("safetensors" if path.suffix == ".safetensors" else "torch")
 
 
+class UnsafePickleError(SemimedError):
+    """A torch file that pickles Python objects (classes, functions): only full unpickling, which can run any
+    code the file holds, would load it. semimed never does."""
+
+
+# What every file torch.save writes starts with: a zip archive (the default since torch 1.6) or a pickle of
+# protocol 2+ (the legacy format). Anything else is not a torch file, whatever the unpickler makes of it.
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def load_torch_file(path: Path) -> object:
+    """`torch.load(path, weights_only=True)` on the CPU, every failure one SemimedError in semimed's words
+    (UnsafePickleError for a pickle of Python objects). torch's own text is not passed on: it advises retrying
+    with weights_only=False, which would execute whatever the file holds."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise SemimedError(f"unreadable ({exc.strerror or type(exc).__name__})") from None
+    if not head.startswith(TORCH_MAGIC):
+        raise SemimedError("not a file torch.save writes: neither a zip archive nor a pickle")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch words every weights-only failure alike; a Python class (GLOBAL) in the pickle is the case that
+        # full unpickling would load, anything else (a bad opcode) is simply not a checkpoint.
+        if "Unsupported global" in str(exc):
+            raise UnsafePickleError("it holds pickled Python objects, not only tensors") from None
+        raise SemimedError("damaged: not a pickle torch.load can parse") from None
+    except Exception as exc:  # noqa: BLE001 - a truncated zip, a bad record: torch raises many types
+        reason = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise SemimedError(f"damaged ({type(exc).__name__}: {reason[:200]})") from None
+
+
 def _read_state(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors by canonical name (no 'module.'/'model.' wrappers) and string metadata."""
     metadata: dict[str, str] = {}
@@ -183,22 +217,15 @@ def _read_state(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[st
             raise SemimedError(f"{path}: not a readable .safetensors file ({exc})") from None
     else:
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            # torch words every weights-only failure alike; a Python class (GLOBAL) in the pickle is the case
-            # that full unpickling would load, anything else (a bad opcode) is simply not a checkpoint.
-            if "Unsupported global" not in str(exc):
-                raise SemimedError(
-                    f"{path}: not a torch checkpoint (not a pickle torch.load can parse)"
-                ) from None
+            loaded = load_torch_file(path)
+        except UnsafePickleError:
             raise SemimedError(
                 f"{path}: refused: it holds pickled Python objects that load only with weights_only=False "
                 f"(which can run arbitrary code); re-save the weights with torch.save(model.state_dict(), path) "
                 f"or as .safetensors"
             ) from None
-        except Exception as exc:
-            reason = (str(exc).splitlines() or [""])[0]
-            raise SemimedError(f"{path}: not a torch checkpoint ({type(exc).__name__}: {reason})") from None
+        except SemimedError as exc:
+            raise SemimedError(f"{path}: not a torch checkpoint ({exc})") from None
         state, metadata = _unwrap(loaded, path)
     bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None or not state:

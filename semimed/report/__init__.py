@@ -29,6 +29,7 @@ from semimed.report.summary import (
     SINGLE_LABEL_METRICS,
     checkpoint_text,
     primary_metrics,
+    study_notes,
     summarize,
 )
 from semimed.report.tables import (
@@ -42,7 +43,7 @@ from semimed.report.tables import (
     published_comparison,
 )
 from semimed.report.tensorboard import TB_REPORT, write_tensorboard
-from semimed.report.trials import Study, Trial, TrialSet, collect_trials, group_studies
+from semimed.report.trials import Study, Trial, TrialSet, collect_trials, group_studies, warn
 
 __all__ = [
     "COLUMNS",
@@ -68,6 +69,7 @@ __all__ = [
     "primary_metrics",
     "published_comparison",
     "save_plot",
+    "study_notes",
     "summarize",
     "write_report",
     "write_tensorboard",
@@ -83,8 +85,12 @@ def write_report(
     experiment_dir = trials.root  # written here: for a URI, a local copy, sent back at the end
     studies, note = group_studies(trials.trials)
     summary = summarize(studies, n_boot, seed)
+    notes = study_notes(studies)  # in report.md, and on the terminal (`semimed report` prints the warnings)
+    for line in notes:
+        warn(line)
     published = published_comparison(experiment_dir, trials)
-    text = markdown(summary, studies, trials, note, trials.location) + ("\n" + published if published else "")
+    text = markdown(summary, studies, trials, note, trials.location, notes)
+    text += "\n" + published if published else ""
     fields = field_tables(studies)
     text += "\n" + fields if fields else ""
     atomic_write_text(experiment_dir / "report.csv", summary.to_csv(index=False))

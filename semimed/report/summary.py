@@ -18,7 +18,7 @@ from semimed import stats
 from semimed.data import DATASETS, dataset_spec
 from semimed.errors import SemimedError
 from semimed.metrics import TASKS, metric_names
-from semimed.report.trials import Study, Trial, warn
+from semimed.report.trials import Study, Trial, canon, warn
 
 # The rows of report.csv, in this order, of a single-label and of a multi-label study; a study keeps those its
 # trials reported (metrics.json holds what the metric registry defines for the run's task).
@@ -33,7 +33,7 @@ PRIMARY = {
     True: ("roc_auc", "average_precision"),
 }
 COLUMNS = ["study", "arm", "method", "label_fraction", "metric", "mean", "std", "ci95_low", "ci95_high", "n"]
-COLUMNS += ["ci_method", "checkpoint", "control", "verdict"]
+COLUMNS += ["ci_method", "checkpoint", "control", "verdict", "positive_class"]
 
 
 def patient_level(dataset: Any) -> bool:
@@ -84,7 +84,7 @@ def _replicates(trial: Trial, names: list[str], n_boot: int, seed: int) -> stats
         return None
     wanted = [m for m in names if m in stats.BOOTSTRAP_METRICS and np.isfinite(trial.value(f"test/{m}"))]
     try:
-        pred = stats.Predictions.read(path)
+        pred = stats.Predictions.read(path, trial.metrics.get("positive_class"))
         if pred.multilabel != trial.multilabel:
             raise SemimedError("its labels are not of the run's task type")
     except (OSError, ValueError, KeyError) as exc:  # SemimedError and pyarrow's errors derive from these
@@ -111,13 +111,61 @@ def _by_seed(trials: list[Trial]) -> dict[tuple[int, int], Trial]:
     return out
 
 
+def reported_metrics(study: Study) -> list[str]:
+    """The metrics `summarize` reports for a study: the task's list, less those no trial of it reported."""
+    names = MULTI_LABEL_METRICS if study.multilabel else SINGLE_LABEL_METRICS
+    return [m for m in names if any(f"test/{m}" in t.metrics for ts in study.arms.values() for t in ts)]
+
+
+def study_notes(studies: list[Study]) -> list[str]:
+    """One line per thing a reader of the means must know and the tables do not show (report.md and the
+    terminal say them): an arm whose trials ran different code versions (run.json's `code`), averaged together;
+    a trial whose reported metric is null or NaN (an undefined metric), left out of that cell's mean (the
+    cell's n counts the seeds kept)."""
+    notes = []
+    for study in studies:
+        where = f" in study {study.label}" if len(studies) > 1 else ""
+        names = reported_metrics(study)
+        for arm, trials in study.arms.items():
+            versions: dict[str, list[Trial]] = {}
+            for trial in sorted(trials, key=lambda t: t.name):
+                if trial.code:  # unknown (no run.json): nothing to compare
+                    versions.setdefault(canon(trial.code), []).append(trial)
+            if len(versions) > 1:
+                codes = [group[0].code for group in versions.values()]
+                differ = [k for k in sorted(set().union(*codes)) if len({canon(c.get(k)) for c in codes}) > 1]
+                what = "; ".join(f"{k} " + " vs ".join(_short(c.get(k)) for c in codes) for k in differ)
+                who = " | ".join(", ".join(t.name for t in group) for group in versions.values())
+                notes.append(
+                    f"arm {arm}{where} averages trials of {len(versions)} code versions ({what}): {who}"
+                )
+            for trial in sorted(trials, key=lambda t: t.name):
+                undefined = [
+                    f"{prefix}/{m}"
+                    for prefix in ("test", "test_last")
+                    for m in names
+                    if f"{prefix}/{m}" in trial.metrics and not np.isfinite(trial.value(f"{prefix}/{m}"))
+                ]
+                if undefined:
+                    notes.append(
+                        f"trial {trial.name} (arm {arm}{where}, fraction {trial.fraction:g}, seed {trial.seed}): "
+                        f"{', '.join(undefined)} null/NaN, left out of that mean (n = the seeds kept)"
+                    )
+    return notes
+
+
+def _short(value: Any) -> str:
+    """A code-version value as a note shows it: hashes and commits cut to 10 characters."""
+    text = "(none)" if value in (None, "") else str(value)
+    return text[:10] if len(text) >= 32 and all(c in "0123456789abcdef" for c in text) else text
+
+
 def summarize(studies: list[Study], n_boot: int = stats.N_BOOT, seed: int = 0) -> pd.DataFrame:
     """Long form, one row per study × arm × fraction × metric (COLUMNS): `<metric>` at the reported checkpoint,
     `<metric>@last`, and `<metric>-vs-control` (the paired difference to the matched control, with a verdict)."""
     rows = []
     for study in studies:
-        names = MULTI_LABEL_METRICS if study.multilabel else SINGLE_LABEL_METRICS
-        names = [m for m in names if any(f"test/{m}" in t.metrics for ts in study.arms.values() for t in ts)]
+        names = reported_metrics(study)
         for fraction in study.fractions:
             # Predictions are read one fraction at a time: only their replicates are kept.
             cells = {
@@ -137,6 +185,8 @@ def summarize(studies: list[Study], n_boot: int = stats.N_BOOT, seed: int = 0) -
                     "checkpoint": checkpoint_text(list(cell.values())),
                     "control": study.control.get(arm) or "",
                     "verdict": "",
+                    # A binary task's positive class (metrics.json): whose sensitivity, specificity, ... these are.
+                    "positive_class": next(iter(cell.values())).metrics.get("positive_class") or "",
                 }
                 # Predictions are at the reported checkpoint: they resample the @last numbers only if that is last.
                 last_only = all(t.checkpoint == "last" for t in cell.values())

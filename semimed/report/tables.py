@@ -73,7 +73,16 @@ def _table(summary: pd.DataFrame, metric: str, fractions: list[float], render, c
     return lines + [""]
 
 
-def markdown(summary: pd.DataFrame, studies: list[Study], trials: TrialSet, note: str, folder: Path) -> str:
+def markdown(
+    summary: pd.DataFrame,
+    studies: list[Study],
+    trials: TrialSet,
+    note: str,
+    folder: Path,
+    notes: list[str] | None = None,
+) -> str:
+    """report.md: the counts, `notes` (semimed.report.summary.study_notes, one line each), the legend and
+    each study's tables."""
     counts = (
         f"{len(trials.trials)} finished trial(s) in {len(studies)} stud{'y' if len(studies) == 1 else 'ies'}."
     )
@@ -84,6 +93,8 @@ def markdown(summary: pd.DataFrame, studies: list[Study], trials: TrialSet, note
         )
     if trials.skipped:
         lines.append(f"{len(trials.skipped)} skipped (unreadable): {'; '.join(trials.skipped)}.")
+    if notes:  # a Markdown list: one line each
+        lines += ["", *(f"- Note: {line}." for line in notes)]
     lines += ["", note, ""] if note else [""]
     lines += [LEGEND, ""]
     for study in studies:
@@ -91,6 +102,20 @@ def markdown(summary: pd.DataFrame, studies: list[Study], trials: TrialSet, note
         table = summary[summary["study"] == study.label]
         data = ", ".join(f"{k.removeprefix('data.')}={show(canon(v))}" for k, v in study.data.items())
         lines += [f"## Study: {study.label}", "", f"Data: {data}", ""]
+        positive = sorted(
+            {
+                str(t.metrics["positive_class"])
+                for ts in study.arms.values()
+                for t in ts
+                if t.metrics.get("positive_class")
+            }
+        )
+        if positive:
+            lines += [
+                f"Positive class: {' / '.join(positive)} (sensitivity, specificity, precision, F1, ROC-AUC and AP "
+                "are this class's)",
+                "",
+            ]
         for metric in primary:
             last = table[table["metric"] == f"{metric}@last"].set_index(["arm", "label_fraction"])
             lines += [f"### {metric}", ""] + _table(table, metric, study.fractions, partial(_cell, last=last))

@@ -26,7 +26,7 @@ import yaml
 
 from semimed import storage
 from semimed.config import config_from_dict, result_keys
-from semimed.errors import SemimedError
+from semimed.errors import SemimedError, SemimedWarning
 
 CONTROL = "supervised"
 # What varies inside a cell (its seeds) or between an arm's cells (fractions).
@@ -41,6 +41,8 @@ class Trial:
     path: Path
     keys: dict[str, Any]  # flattened result keys of its config
     metrics: dict[str, Any]
+    # run.json's code version (semimed's version, git commit, source hash, library versions); {}: unknown
+    code: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.seed = int(self.keys.get("seed") or 0)
@@ -91,7 +93,7 @@ class Location(str):
 
 
 # What the report reads from each trial folder: all that is copied from a storage URI.
-REPORT_INPUTS = ("metrics.json", "config.yaml", "split.json", "predictions.parquet")
+REPORT_INPUTS = ("metrics.json", "config.yaml", "split.json", "predictions.parquet", "run.json")
 _COPIES: list[tempfile.TemporaryDirectory] = []  # kept until the process exits (Trial.path points into them)
 
 
@@ -113,7 +115,7 @@ def _local_copy(uri: str) -> Path:
 
 def warn(message: str) -> None:
     """A RuntimeWarning that `semimed report` prints after its tables (stacklevel: the caller's caller)."""
-    warnings.warn(f"semimed report: {message}", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"semimed report: {message}", SemimedWarning, stacklevel=3)
 
 
 def collect_trials(experiment_dir: str | Path) -> TrialSet:
@@ -150,7 +152,7 @@ def collect_trials(experiment_dir: str | Path) -> TrialSet:
             raw = config_from_dict(raw).to_dict()
         except (SemimedError, TypeError, ValueError):
             pass
-        out.trials.append(Trial(folder.name, folder, result_keys(raw), metrics))
+        out.trials.append(Trial(folder.name, folder, result_keys(raw), metrics, code_version(folder)))
     if not out.trials:
         unfinished = f"; unfinished: {', '.join(out.unfinished)}" if out.unfinished else ""
         skipped = f"; skipped: {'; '.join(out.skipped)}" if out.skipped else ""
@@ -158,6 +160,16 @@ def collect_trials(experiment_dir: str | Path) -> TrialSet:
             f"{experiment_dir}: no finished trial (no runs/*/metrics.json){unfinished}{skipped}"
         )
     return out
+
+
+def code_version(folder: Path) -> dict[str, Any]:
+    """The code version a trial ran (`code` in its run.json); {} when run.json is missing or unreadable: the
+    report then cannot tell that trial's code from another's, and says nothing about it."""
+    try:
+        code = json.loads((folder / "run.json").read_text()).get("code")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return code if isinstance(code, dict) else {}
 
 
 def canon(value: Any) -> str:

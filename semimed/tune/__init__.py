@@ -20,8 +20,8 @@ Search-space YAML (unknown keys are errors; see search_spaces/ for complete exam
 
 FIFO is the default because a fraction × seed study must run every cell to the same budget: early stopping
 would bias the small-fraction means. Optuna and HyperOpt reject grid axes, so with them each grid cell is
-its own search (the outer-grid pattern): one Tuner per cell, all in the same experiment directory. HyperOpt
-is an optional extra (`pip install 'semimed[hyperopt]'`). A searcher other than random, or ASHA, reads
+its own search (the outer-grid pattern): one Tuner per cell, all in the same experiment directory. Optuna
+and HyperOpt are optional extras (`pip install 'semimed[optuna]'`, `'semimed[hyperopt]'`). A searcher other than random, or ASHA, reads
 `search.metric` from every result: `val/<metric>` (the latest evaluation; a result at a checkpoint without
 an evaluation repeats it) or `train/loss`; never `test/*`. ASHA counts in steps: a trial is judged first at
 `grace_period` steps (default: train.eval_every) and stopped when it is below the best 1/reduction_factor of
@@ -74,7 +74,9 @@ from semimed.tune.plan import (
 )
 from semimed.tune.runner import (
     DEFAULT_STORAGE,
+    SweepInterrupted,
     build_tuners,
+    check_resumable,
     default_concurrency,
     errored_trials,
     experiment_dir,
@@ -103,9 +105,11 @@ __all__ = [
     "Cluster",
     "Plan",
     "SearchSpace",
+    "SweepInterrupted",
     "TrialProcessKilled",
     "TrialShape",
     "build_tuners",
+    "check_resumable",
     "default_concurrency",
     "describe_trials",
     "errored_trials",

@@ -21,13 +21,16 @@ Tune staged trials ahead, as their reservations took the CPUs that the running t
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from semimed.config import Config, ScalingConfig
 from semimed.errors import SemimedError
 from semimed.tune.overrides import example_value, trial_label
 from semimed.tune.space import SearchSpace
@@ -66,15 +69,59 @@ class TrialShape:
         )
 
 
-def trial_shape(space: SearchSpace) -> TrialShape:
-    """The resources of one trial (the first grid cell's scaling: Tune gives every trial the same)."""
-    scaling = space.trial_config(space.cells[0] if space.cells else {}).scaling
+def trial_scaling(cfg: Config) -> ScalingConfig:
+    """What a trial of `cfg` runs on. A closed-form method (`closed_form = True`: the classical baselines,
+    scikit-learn on CPU, no network and no step loop) fits in the trial's own process on CPUs: no Ray Train
+    worker group and no GPU, whatever the search space's `scaling` asks for the networks it is compared with."""
+    from semimed.classical.fit import is_closed_form
+
+    if is_closed_form(cfg.method.name):
+        return dataclasses.replace(cfg.scaling, num_workers=0, use_gpu=False)
+    return cfg.scaling
+
+
+def shape_of(cfg: Config) -> TrialShape:
+    """The resources of a trial of `cfg` (its `trial_scaling`)."""
+    scaling = trial_scaling(cfg)
     own = {"CPU": float(scaling.cpus_per_worker)}
     if scaling.use_gpu:
         own["GPU"] = float(scaling.gpus_per_worker)
     if scaling.num_workers == 0:
         return TrialShape(0, {}, own)
     return TrialShape(scaling.num_workers, own, {"CPU": TRIAL_CPU})
+
+
+def trial_shapes(space: SearchSpace) -> list[tuple[TrialShape, list[str]]]:
+    """Each distinct trial shape of the sweep with the methods of its trials (one entry per trial), in grid
+    order. Trials differ when the grid varies `scaling.*` or mixes closed-form methods with networks."""
+    shapes: list[tuple[TrialShape, list[str]]] = []
+    for cell in space.cells or [{}]:
+        cfg = space.trial_config(cell)
+        shape = shape_of(cfg)
+        methods = next((m for s, m in shapes if s == shape), None)
+        if methods is None:
+            shapes.append((shape, methods := []))
+        methods.extend([cfg.method.name] * space.num_samples)
+    return shapes
+
+
+def trial_shape(space: SearchSpace) -> TrialShape:
+    """The resources of the sweep's first trial (grid order)."""
+    return shape_of(space.trial_config(space.cells[0] if space.cells else {}))
+
+
+def trial_resources(space: SearchSpace) -> Callable[[dict[str, Any]], Any]:
+    """`tune.with_resources`'s per-trial reservation: Tune calls it with a trial's parameters (the grid and
+    sampled keys), and it reserves what that trial's `shape_of` says the trial process itself needs."""
+    keys = list(space.grid) + list(space.sample)
+
+    def reserve(params: dict[str, Any]):
+        from ray import tune
+
+        driver = shape_of(space.trial_config({k: params[k] for k in keys if k in params})).driver
+        return tune.PlacementGroupFactory([driver])
+
+    return reserve
 
 
 @dataclass(frozen=True)
@@ -225,12 +272,20 @@ class Plan:
     cluster: Cluster
     fits: int
     local: bool
+    # Every distinct trial shape with its trials' methods, when trials differ (see `trial_shapes`); `shape`
+    # is then the one that fits the fewest trials at once, which sets the concurrency.
+    shapes: tuple[tuple[TrialShape, tuple[str, ...]], ...] = ()
 
     @property
     def pending_trials(self) -> int:
         """Tune's TUNE_MAX_PENDING_TRIALS_PG (see the module docstring); a value the user set wins."""
         given = os.environ.get(PENDING_ENV, "")
         return int(given) if given.isdigit() else 1 if self.local else self.concurrency
+
+    def _share(self, shape: TrialShape) -> str:
+        """`18 of 72 trials: supervised` for the trials of `shape`."""
+        methods = next(m for s, m in self.shapes if s == shape)
+        return f"{len(methods)} of {self.trials} trials: {', '.join(dict.fromkeys(methods))}"
 
     def unfit(self) -> str:
         """Why not even one trial can run ("" when one can)."""
@@ -253,6 +308,11 @@ class Plan:
             f"  each trial: {self.shape.describe()}",
             f"  {self.concurrency} at a time: {_res(total)}; {self.cluster.source}: {self.cluster.describe()}",
         ]
+        if len(self.shapes) > 1:  # trials differ: each kind, with how many trials and which methods
+            lines[1] += f" ({self._share(self.shape)})"
+            others = [f"  and: {s.describe()} ({self._share(s)})" for s, _ in self.shapes if s != self.shape]
+            lines[2:2] = others
+            lines[-1] += " (at most: the other trials ask for less)"
         if self.fits < min(self.concurrency, self.trials):
             lines.append(
                 f"  note: {self.cluster.source} fits {self.fits} trial(s) at once; the others wait for resources"
@@ -274,10 +334,12 @@ class Plan:
 
 def make_plan(space: SearchSpace, cluster: Cluster, local: bool, from_config: bool = False) -> Plan:
     """The concurrency by the rules in the module docstring (`from_config`: `cluster` is a config's largest).
-    Concurrency 0: not one trial fits a machine or config that cannot grow (`Plan.unfit` says why)."""
-    shape = trial_shape(space)
+    Concurrency 0: not one trial fits a machine or config that cannot grow (`Plan.unfit` says why). When
+    trials differ in shape (`trial_shapes`), the one that fits the fewest at once sets the concurrency (Tune
+    has one `max_concurrent_trials`)."""
     trials = max(1, len(space.trials))
-    fit = fits(shape, cluster, trials)
+    shapes = trial_shapes(space)
+    shape, fit = min(((s, fits(s, cluster, trials)) for s, _ in shapes), key=lambda pair: pair[1])
     if fit == 0 and (from_config or local):
         concurrency, why = 0, "nothing fits"
     elif space.max_concurrent_trials:
@@ -291,7 +353,8 @@ def make_plan(space: SearchSpace, cluster: Cluster, local: bool, from_config: bo
     else:
         concurrency = fit
         why = f"as many as fit {cluster.source}" if fit < trials else f"all of them fit {cluster.source}"
-    return Plan(trials, concurrency, shape, why, cluster, fit, local)
+    mixed = tuple((s, tuple(methods)) for s, methods in shapes) if len(shapes) > 1 else ()
+    return Plan(trials, concurrency, shape, why, cluster, fit, local, mixed)
 
 
 def plan_for_run(space: SearchSpace, cluster_config: str | None, local: bool) -> Plan:
@@ -314,7 +377,7 @@ def describe_trials(space: SearchSpace) -> list[str]:
     lines = []
     for i, cell in enumerate(space.trials or [{}]):
         cfg = space.trial_config({**cell, **{k: example_value(v) for k, v in space.sample.items()}})
-        s = cfg.scaling
+        s = trial_scaling(cfg)
         gpus = f", {s.gpus_per_worker:g} GPU" if s.use_gpu else ""
         extra = f"; sampled {sampled}" if sampled else ""
         workers = f"{s.num_workers} Ray Train worker(s)" if s.num_workers else "in-process (no Train workers)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from ray import tune
@@ -13,8 +14,10 @@ from ray.exceptions import RayTaskError
 from semimed import storage as store
 from semimed import sweep_progress
 from semimed.errors import SemimedError
+from semimed.interrupts import SigintWatch
+from semimed.optional import require
 from semimed.tune.overrides import trial_label
-from semimed.tune.plan import PENDING_ENV, Plan, plan_for_run
+from semimed.tune.plan import PENDING_ENV, Plan, plan_for_run, trial_resources
 from semimed.tune.space import SearchSpace
 from semimed.tune.trial import make_trainable, retry_trials_killed_by_ray
 
@@ -28,6 +31,18 @@ def resolve_storage(storage: str | None) -> str:
 
 def experiment_dir(space: SearchSpace, storage: str | None) -> str:
     return store.join(resolve_storage(storage), space.name)
+
+
+def check_resumable(space: SearchSpace, storage: str | None) -> None:
+    """Raise unless `--resume` has an experiment to resume, before anything is made: Tune's state in the
+    experiment folder (grid + random search: one Tuner), or at least the folder (outer grid: a cell not
+    started yet starts now). Reads only."""
+    experiment = experiment_dir(space, storage)
+    found = tune.Tuner.can_restore(experiment) if space.algorithm == "random" else store.is_dir(experiment)
+    if not found:
+        raise SemimedError(
+            f"{experiment}: no experiment to resume (--resume); run the sweep without --resume to start it"
+        )
 
 
 def _scheduler(space: SearchSpace):
@@ -44,6 +59,7 @@ def _scheduler(space: SearchSpace):
 
 def _searcher(space: SearchSpace):
     if space.algorithm == "optuna":
+        require("optuna", "optuna", "search.algorithm optuna")
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch()
@@ -64,7 +80,8 @@ def build_tuners(
     retry_trials_killed_by_ray()
     root = resolve_storage(storage)
     experiment = store.join(root, space.name)
-    trainable = tune.with_resources(make_trainable(space, experiment), plan.shape.driver)
+    # Per trial: a sweep may mix trial shapes (a closed-form method next to networks asks for no GPU).
+    trainable = tune.with_resources(make_trainable(space, experiment), trial_resources(space))
     if space.algorithm == "random":
         parts = [(space.name, root, {key: tune.grid_search(values) for key, values in space.grid.items()})]
     else:  # outer grid: each cell a search of its own
@@ -119,16 +136,22 @@ def run_sweep(
     """Run (or resume) the sweep; returns the experiment directory (a path or a storage URI).
 
     Prints the plan (concurrency and resources, semimed.tune.plan). Trials that failed after their retries are
-    listed (how many, which, their first error line); the sweep raises only when every trial failed."""
+    listed (how many, which, their first error line); the sweep raises only when every trial failed. Ctrl-C:
+    Tune stops the trials and saves its state, then this raises SweepInterrupted (a KeyboardInterrupt)."""
     from semimed.train import local_ray
 
     plan = plan_for_run(space, cluster_config, local_ray())
     for line in plan.lines():  # user-facing: on the terminal even when Ray's output goes to sweep.log
         sweep_progress.say(line)
-    results = []
-    with _pending_trials(plan):
+    results, grids = [], []
+    with _pending_trials(plan), SigintWatch() as sigint:
         for tuner in build_tuners(space, storage, resume, plan):
-            results.extend(tuner.fit())
+            grids.append(tuner.fit())
+            results.extend(grids[-1])
+            if sweep_interrupted(sigint.seen(), grids):
+                break  # the next grid cell's Tuner does not start either
+    if sweep_interrupted(sigint.seen(), grids):
+        raise SweepInterrupted(experiment_dir(space, storage))
     errors = [r for r in results if r.error]
     if errors and len(errors) == len(results):
         raise SemimedError(f"all {len(results)} trials failed; first error: {_error_line(errors[0].error)}")
@@ -136,6 +159,24 @@ def run_sweep(
         print(f"{len(errors)} of {len(results)} trials errored (the others finished):")
         print("\n".join(f"  {line}" for line in errored_trials(space, errors)))
     return experiment_dir(space, storage)
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The user stopped the sweep (Ctrl-C) and Tune saved its state in `experiment`: `--resume` continues it."""
+
+    def __init__(self, experiment: str) -> None:
+        super().__init__(f"Tune saved the sweep's state in {experiment}")
+        self.experiment = experiment
+
+
+def sweep_interrupted(sigint: bool, grids: Sequence) -> bool:
+    """Whether `Tuner.fit()` returned because the sweep was interrupted rather than finished.
+
+    Tune takes SIGINT itself (a graceful stop: it saves the experiment state) and returns the partial results
+    like a finished sweep's, with no error. Interrupted: a SIGINT arrived (`sigint`, semimed.interrupts), or a
+    ResultGrid holds trials that neither finished nor errored (pending or running when Tune stopped: also
+    when the watch could not be set, outside the main thread, or Tune was stopped by SIGUSR1)."""
+    return sigint or any(grid.num_terminated + grid.num_errors < len(grid) for grid in grids)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from ray import tune
 
 from semimed.config import apply_overrides, config_from_dict, load_yaml, parse_override
 from semimed.errors import SemimedError
+from semimed.optional import missing
 from semimed.tune.overrides import check_cells, flatten, place_overrides
 
 SEARCH_SPACE_KEYS = (
@@ -42,8 +43,9 @@ DISTRIBUTIONS = {
     "quniform": tune.quniform,
 }
 ALGORITHMS = ("random", "optuna", "hyperopt")
-# Searchers that are optional extras: algorithm -> (module to import, the extra that installs it).
-OPTIONAL_SEARCHERS = {"hyperopt": ("hyperopt", "semimed[hyperopt]")}
+# Searchers that are optional extras: algorithm -> (module to import, the extra that installs it); checked when
+# the search space loads, before anything runs.
+OPTIONAL_SEARCHERS = {"optuna": ("optuna", "optuna"), "hyperopt": ("hyperopt", "hyperopt")}
 SCHEDULERS = ("fifo", "asha")
 ASHA_OPTIONS = ("grace_period", "reduction_factor", "max_t")
 TRIAL_RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu")
@@ -98,6 +100,16 @@ class SearchSpace:
         }
 
 
+def _experiment_name(name: str, fail) -> str:
+    """The experiment's folder under --storage: one folder name (`name: ../x` would write elsewhere)."""
+    from semimed.runs import check_name
+
+    try:
+        return check_name(name, "name")
+    except SemimedError as exc:
+        raise fail(str(exc)) from None
+
+
 def load_search_space(path: str | Path, overrides: list[str] | None = None) -> SearchSpace:
     """Parse and validate a search space: every grid cell must make a valid config (typos fail here).
 
@@ -140,7 +152,7 @@ def load_search_space(path: str | Path, overrides: list[str] | None = None) -> S
     if scheduler["name"] not in SCHEDULERS:
         raise fail(f"unknown scheduler.name {scheduler['name']!r}; valid: {', '.join(SCHEDULERS)}")
     space = SearchSpace(
-        name=str(raw.get("name") or path.stem),
+        name=_experiment_name(str(raw.get("name") or path.stem), fail),
         base=placed.base,
         grid=placed.grid,
         sample=sample,
@@ -174,10 +186,7 @@ def _check_search(space: SearchSpace, fail) -> None:
     if space.algorithm in OPTIONAL_SEARCHERS:
         module, extra = OPTIONAL_SEARCHERS[space.algorithm]
         if importlib.util.find_spec(module) is None:
-            raise fail(
-                f"search.algorithm {space.algorithm} needs the {module} package, which is not installed: "
-                f"pip install '{extra}'"
-            )
+            raise fail(missing(f"search.algorithm {space.algorithm}", module, extra))
     if space.mode not in ("max", "min"):
         raise fail(f"search.mode must be max or min, not {space.mode!r}")
     options = {k: v for k, v in space.scheduler.items() if k != "name"}

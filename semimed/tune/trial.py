@@ -13,6 +13,7 @@ actor failures they are, so that trial is retried too.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -32,10 +33,13 @@ def make_trainable(space: SearchSpace, experiment_dir: str):
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from semimed.train import build_trainer
+        from semimed.tune.plan import trial_scaling
 
         context = tune.get_context()
         overrides = {k: params[k] for k in keys}
         cfg = space.trial_config(overrides)
+        # What the plan reserved for this trial (a closed-form method: in-process on CPUs, no GPU).
+        cfg = dataclasses.replace(cfg, scaling=trial_scaling(cfg))
         run_dir = storage.join(experiment_dir, "runs", f"{trial_label(overrides)}_{context.get_trial_id()}")
         if cfg.scaling.num_workers == 0:
             run_in_process(cfg, run_dir)

@@ -131,7 +131,8 @@ def decode_all(
         desc=desc,
         unit="img",
         mininterval=2.0,
-        disable=(len(rows) < 500) if progress is None else not progress,
+        # None: tqdm draws the bar only on a terminal (in a log or pipe it is one endless `\r` line).
+        disable=True if ((len(rows) < 500) if progress is None else not progress) else None,
     )
     for chunk_result in _decoded_chunks(dataset, rows, size, workers):
         for row, pixels, error in chunk_result:

@@ -21,9 +21,12 @@ path, so a training run finds the cache that `semimed prepare` wrote for the sam
 rows are a SUBSET of a complete cache's rows (e.g. view=PA after preparing all views) reads that cache through
 a row map instead of decoding again.
 
-Caches of the version-1 layout (no stats.npy) are not trusted: the version is part of the fingerprint, so a
-new cache is built beside them (a note on stderr names the old folder, which can be deleted); stat'ing today's
-files could not tell whether the old pixels were decoded from them.
+Caches of an older version are not used: the version is part of the fingerprint, so a new cache is built
+beside them (a note on stderr names the old folder, which can be deleted). Version 1 had no stats.npy (stat'ing
+today's files could not tell whether the old pixels were decoded from them); version 2 stored 16-bit images
+clipped by PIL, or as bad rows, and could not read DICOM, where version 3 stores the uint8 of the documented
+intensity path (semimed/data/intensity.py): their (size, mtime_ns) are unchanged, so only the version can tell
+those pixels apart. 8-bit images decode to the same bytes in versions 2 and 3.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ import pandas as pd
 from semimed.data.base import LabeledImageSet
 
 # 2: stats.npy (per-row source file size and mtime_ns) is part of a complete cache; version-1 caches lack it.
-CACHE_VERSION = 2
+# 3: 16-bit/32-bit/float grayscale and DICOM files decoded by semimed/data/intensity.py (a version-2 cache holds
+#    them clipped to 8 bits by PIL, or as bad rows): any change to how a file's pixels are decoded bumps this.
+CACHE_VERSION = 3
 MISSING = -1  # stats.npy value: the row's source file did not exist (or could not be stat'ed)
 NO_FILE = -2  # stats.npy value: the row has no source file semimed can stat (a custom reader): not checked
 

@@ -22,7 +22,7 @@ from semimed.data.cache.layout import (
     open_superset,
     read_manifest,
 )
-from semimed.data.cache.lock import lock_path, take_lock
+from semimed.data.cache.lock import release_lock, take_lock
 from semimed.data.cache.refresh import refresh_changed
 
 
@@ -91,7 +91,7 @@ def load_pixels(
         _note_older_caches(dataset, size, folder.parent)
         return build_cache(dataset, size, folder, key, shape, workers, progress, extra_manifest or {})
     finally:
-        lock_path(folder).unlink(missing_ok=True)
+        release_lock(folder)
 
 
 def _note_older_caches(dataset: LabeledImageSet, size: int, cache_dir: Path) -> None:
@@ -106,7 +106,7 @@ def _note_older_caches(dataset: LabeledImageSet, size: int, cache_dir: Path) -> 
             and manifest.get("version") != CACHE_VERSION
         ):
             print(
-                f"semimed: {folder} is a cache of an older format (version {manifest.get('version')}, no "
-                "per-file stats) and is not used; delete it to free its space",
+                f"semimed: {folder} is a cache of an older format (version {manifest.get('version')}; this "
+                f"semimed writes version {CACHE_VERSION}) and is not used; delete it to free its space",
                 file=sys.stderr,
             )

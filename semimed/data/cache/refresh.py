@@ -37,7 +37,7 @@ from semimed.data.cache.layout import (
     rebuild_command,
     source_stats,
 )
-from semimed.data.cache.lock import lock_path, take_lock
+from semimed.data.cache.lock import release_lock, take_lock
 from semimed.errors import SemimedError
 from semimed.files import atomic_write_bytes, atomic_write_text
 
@@ -127,7 +127,7 @@ def refresh_changed(
         atomic_write_bytes(folder / "stats.npy", npy_bytes(stats))
     finally:
         if not locked:
-            lock_path(folder).unlink(missing_ok=True)
+            release_lock(folder)
     print(
         f"semimed: {len(changed)} image(s) changed on disk since they were cached; decoded them again into "
         f"{folder}" + (f" ({len(bad)} cannot be decoded: listed in its bad_rows)" if bad else ""),
