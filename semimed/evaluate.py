@@ -36,8 +36,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from semimed import stats
+from semimed.config import DataConfig, check_device, load_config
+from semimed.data import load_dataset
+from semimed.data.base import as_channels
+from semimed.data.splits import Split
+from semimed.engine import resolve_device
 from semimed.errors import SemimedError, SemimedWarning
+from semimed.files import atomic_write_text, check_output_dir, publish, staging_path
+from semimed.metrics import evaluate_scores
+from semimed.predict import load_run_model, run_thresholds, score_images
+from semimed.runs import METRICS_FILE, RUN_FILE
 
 FILES = ("predictions.parquet", "report.md", "metrics.json")  # metrics.json last: its presence means complete
 PARTS = ("all", "test")
@@ -116,8 +127,6 @@ def check_out(out: str | Path, run_dir: str | Path) -> Path:
     """`out` as the folder evaluate writes: not the run folder nor inside it (a finished run is never
     modified), not inside another run, not beside run folders (`semimed report` reads every folder of an
     experiment's runs/ as a trial), and writable."""
-    from semimed.files import check_output_dir
-    from semimed.runs import RUN_FILE
 
     path = Path(out).expanduser()
     target, run = path.resolve(), Path(run_dir).expanduser().resolve()
@@ -145,7 +154,6 @@ def check_out(out: str | Path, run_dir: str | Path) -> Path:
 
 def run_dataset(run_dir: str | Path) -> str:
     """The run's data.dataset (the default `--dataset`)."""
-    from semimed.config import load_config
 
     config = Path(run_dir) / "config.yaml"
     if not config.is_file():
@@ -154,13 +162,14 @@ def run_dataset(run_dir: str | Path) -> str:
 
 
 class _Rows:
-    """`read(i)` of the chosen rows only: the pixels of dataset row rows[i]."""
+    """`read(i)` of the chosen rows only: the pixels of dataset row rows[i], with the run's channel count (an
+    RGB run scoring grayscale data sees the gray plane three times, as it would from a file)."""
 
-    def __init__(self, read: Callable[[int], np.ndarray], rows: np.ndarray) -> None:
-        self.read, self.rows = read, rows
+    def __init__(self, read: Callable[[int], np.ndarray], rows: np.ndarray, channels: int) -> None:
+        self.read, self.rows, self.channels = read, rows, channels
 
     def __call__(self, index: int) -> np.ndarray:
-        return self.read(int(self.rows[index]))
+        return as_channels(self.read(int(self.rows[index])), self.channels)
 
 
 def evaluate_run(
@@ -183,13 +192,6 @@ def evaluate_run(
     """Score the run's reported network on the dataset `dataset` at `root` (or on `images`, a LabeledImageSet
     built in Python) and write predictions.parquet, metrics.json and report.md into `out`; see the module
     docstring. Everything is checked before anything is written."""
-    from semimed.config import DataConfig, check_device
-    from semimed.data import load_dataset
-    from semimed.data.splits import Split
-    from semimed.engine import resolve_device
-    from semimed.metrics import evaluate_scores
-    from semimed.predict import load_run_model, run_thresholds, score_images
-    from semimed.runs import METRICS_FILE
 
     run_dir = Path(run_dir)
     if (root is None) == (images is None):
@@ -204,7 +206,7 @@ def evaluate_run(
     output = check_out(out, run_dir)
     check_device(device, "--device")
     target = resolve_device(device)
-    model, classes, multilabel, normalize, cfg, _ = load_run_model(run_dir, target, "evaluate")
+    model, classes, multilabel, normalize, cfg, channels = load_run_model(run_dir, target, "evaluate")
     try:
         run_metrics = json.loads((run_dir / METRICS_FILE).read_text())
     except (OSError, ValueError):
@@ -296,7 +298,7 @@ def evaluate_run(
         model,
         normalize,
         multilabel,
-        _Rows(external.read_image, rows),
+        _Rows(external.read_image, rows, channels),
         len(rows),
         cfg.data.image_size,
         target,
@@ -349,8 +351,10 @@ def evaluate_run(
         "ci95": {k: [_finite(lo), _finite(hi)] for k, (lo, hi) in intervals.items()},
     }
     output.mkdir(parents=True, exist_ok=True)
+    # metrics.json is written last and marks a complete evaluation: an earlier one's goes first, so a failure
+    # below never leaves its metrics beside this evaluation's predictions.
+    (output / FILES[2]).unlink(missing_ok=True)
     _write_parquet(frame, output / FILES[0])
-    from semimed.files import atomic_write_text
 
     atomic_write_text(output / FILES[1], _report(described, run_metrics, run_dir))
     atomic_write_text(output / FILES[2], json.dumps(described, indent=1) + "\n")
@@ -375,7 +379,6 @@ def _intervals(
     seed: int,
 ) -> dict[str, tuple[float, float]]:
     """95% patient-cluster bootstrap interval of each headline metric that has a resampled form."""
-    from semimed import stats
 
     patients, patient = np.unique(patient_ids, return_inverse=True)
     pred = stats.Predictions(
@@ -459,7 +462,6 @@ def ratio_metrics(
 
 def _predictions(external, rows, patient_ids, y, scores, classes, multilabel, step):
     """predictions.parquet's frame: a run's columns, labels and scores in the run's class order."""
-    import pandas as pd
 
     columns: dict[str, Any] = {"split": "test", "row": rows.astype(np.int64)}
     columns["path"] = external.meta["path"].astype(str).to_numpy()[rows]
@@ -474,7 +476,6 @@ def _predictions(external, rows, patient_ids, y, scores, classes, multilabel, st
 
 
 def _write_parquet(frame, path: Path) -> None:
-    from semimed.files import publish, staging_path
 
     staging = staging_path(path)
     try:

@@ -274,6 +274,9 @@ def prepare_run_dir(cfg: Config, run_dir: str | Path) -> RunIdentity:
 def _identity(cfg: Config, dataset: LabeledImageSet | None = None) -> RunIdentity:
     """The run's identity from metadata only (dataset table, split, file stats): no pixels, no network."""
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
+    dataset.positive_index(
+        cfg.data.positive_class
+    )  # a missing or unknown positive class: before Ray's workers
     split = load_split(cfg, dataset)
     check_batch_sizes(cfg, len(split.train))  # with the split known, before anything is built or written
     return run_identity(cfg, split, dataset)

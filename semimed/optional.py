@@ -13,6 +13,11 @@ from types import ModuleType
 from semimed.errors import SemimedError
 
 
+class MissingPackageError(SemimedError):
+    """A feature's optional package (or a codec it needs) is not installed: about this machine, not about the
+    file at hand, so the decode cache never records it as a bad image (installing the package must be enough)."""
+
+
 def missing(feature: str, package: str, extra: str) -> str:
     """The one-line message for `feature` without its optional `package`."""
     return f"{feature} needs the optional package {package}: pip install 'semimed[{extra}]'"
@@ -27,4 +32,4 @@ def require(module: str, extra: str, feature: str, package: str | None = None) -
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] != module.split(".")[0]:
             raise
-        raise SemimedError(missing(feature, package or module, extra)) from None
+        raise MissingPackageError(missing(feature, package or module, extra)) from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import subprocess
 import time
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from semimed import __version__
 from semimed.config import Config, result_keys
@@ -124,7 +127,21 @@ def data_fingerprint(dataset: LabeledImageSet) -> dict[str, Any]:
         record["file"] = next(iter(distinct))
     if len(present) < len(distinct):
         record["missing_files"] = len(distinct) - len(present)
+    record["table_sha256"] = _table_digest(dataset)
     return record
+
+
+def _table_digest(dataset: LabeledImageSet) -> str:
+    """SHA-256 of what the metadata says of each row — classes, labels, patient ids, official split — so a
+    relabelled manifest row or an edited label CSV is other data even where no image file changed."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([dataset.name, dataset.task, list(dataset.classes)]).encode())
+    labels = np.nan_to_num(np.asarray(dataset.labels, dtype=np.float64), nan=-1.0)  # one byte form for NaN
+    digest.update(np.ascontiguousarray(labels).tobytes())
+    digest.update("\0".join(dataset.patients.astype(str)).encode())
+    if dataset.official_split is not None:
+        digest.update("\0".join(np.asarray(dataset.official_split).astype(str)).encode())
+    return digest.hexdigest()
 
 
 def _describe_data(record: dict[str, Any]) -> str:
@@ -188,7 +205,10 @@ class RunIdentity:
                 out.append(f"{key} {old!r} → {new!r}")
         if self.split_sha256 != other.split_sha256:
             out.append("the split (other images in train/val/test/labeled)")
-        if self.data != other.data:
+        if self.data.get("table_sha256") != other.data.get("table_sha256"):
+            out.append("the dataset's labels, classes, patient ids or official split (its metadata) changed")
+        images = ("rows", "files", "bytes", "newest_mtime_ns", "sha256", "file", "missing_files")
+        if any(self.data.get(k) != other.data.get(k) for k in images):
             where = other.data.get("file") or self.data.get("file")
             old, new = _describe_data(self.data), _describe_data(other.data)
             if old == new:  # the same totals: a file other than the newest changed, or one was renamed
@@ -279,7 +299,10 @@ def finished_metrics(run_dir: str | Path) -> dict[str, Any] | None:
         ) from None
     if not isinstance(values, dict):
         raise SemimedError(f"{path}: not a metrics file (a JSON object); left as it is")
-    return values
+    # metrics.json writes an undefined metric (NaN) as null: give it back as the NaN a fresh run returns, so a
+    # kept run and a fresh one report the same values (Tune's searchers compare floats). Non-metric keys
+    # (positive_class: null for a multi-class run) stay as written.
+    return {k: (math.nan if v is None and "/" in k else v) for k, v in values.items()}
 
 
 def check_name(value: str, key: str) -> str:

@@ -115,7 +115,7 @@ def fit_closed_form(
         "selected_step": 0,
         "reported_checkpoint": "last",
         "select_metric": evaluator.select_metric,
-        "positive_class": None if data.positive is None else data.classes[data.positive],
+        "positive_class": data.positive_class,
         "evaluated_model": method.evaluated_model(),
         **{f"train/{k}": v for k, v in getattr(method, "fit_logs", {}).items()},
     }

@@ -170,6 +170,18 @@ def file_channels(path: Path) -> int:
         return 1 if image.mode in ("1", "L", "LA") or is_wide_mode(image.mode) else 3
 
 
+def as_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """HxWxC uint8 -> HxWxchannels: a gray plane replicated, or RGB to gray by PIL's "L" (ITU-R 601-2 luma),
+    the conversions `read_image_file` applies to a file. For data read by a dataset's own reader (an .npz)
+    that a network of another channel count must see (`semimed evaluate` on another site's data)."""
+    have = pixels.shape[2]
+    if have == channels:
+        return pixels
+    if have == 1:
+        return np.ascontiguousarray(np.repeat(pixels, channels, axis=2))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, :3])).convert("L"))[:, :, None]
+
+
 def read_image_file(path: Path, channels: int) -> np.ndarray:
     """Decode one image file to HxWxC uint8; RGBA/palette files are converted, not rejected.
 
@@ -201,6 +213,20 @@ def safe_relative_path(root: Path, name: str, where: str) -> str:
     return candidate.as_posix()
 
 
+def check_distinct_files(paths: Sequence[Path]) -> None:
+    """Raise naming both when two of `paths` are one file (links, `..`): listed twice, one image would count
+    twice and could be both a training and a test image."""
+    first_of: dict[str, Path] = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        first = first_of.setdefault(real, path)
+        if first != path:
+            raise SemimedError(
+                f"{path} and {first} are the same file {real}, reached twice through links; an image must be "
+                "listed once: remove one of the links"
+            )
+
+
 def walk_files(top: Path, root: Path, keep: Callable[[str], bool]) -> list[Path]:
     """Every file at any depth under `top` whose name passes `keep`, sorted by path; hidden entries (names
     starting with ".": .DS_Store, macOS "._" forks, our own staging) are skipped.
@@ -209,7 +235,8 @@ def walk_files(top: Path, root: Path, keep: Callable[[str], bool]) -> list[Path]
     linked folders and with them their images), but only those that resolve inside `root`. A link that leads
     outside `root`, a dangling one, one that loops back to a folder above it, and a folder that cannot be
     listed are refused naming the link or folder: skipping any of them would train on fewer images than the
-    tree holds, without a word.
+    tree holds, without a word. A loader whose rows are the files found checks them with
+    `check_distinct_files` (two links to one folder would list its images twice).
     """
     root_real = Path(os.path.realpath(root))
     found: list[Path] = []

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from semimed.data.base import LabeledImageSet, walk_files
+from semimed.data.base import LabeledImageSet, check_distinct_files, walk_files
 from semimed.data.spec import DatasetSpec, option, register_dataset
 from semimed.errors import SemimedError
 
@@ -213,6 +213,7 @@ def load_breakhis(
 
     # Linked folders are followed when they stay inside root (hidden entries, archive debris, are skipped).
     pngs = walk_files(breast, root, lambda name: name.lower().endswith(".png"))
+    check_distinct_files(pngs)  # the walk's files are the rows: none may be listed twice
     pngs.sort(key=lambda path: path.relative_to(root).as_posix())
 
     rows = []

@@ -28,7 +28,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from semimed.data.base import LabeledImageSet, file_channels, safe_relative_path, walk_files
+from semimed.data.base import (
+    LabeledImageSet,
+    check_distinct_files,
+    file_channels,
+    safe_relative_path,
+    walk_files,
+)
 from semimed.data.spec import DatasetSpec, no_release, option, register_dataset
 from semimed.errors import SemimedError
 
@@ -218,6 +224,10 @@ def load_imagefolder(root: str | Path, options: ImageFolderOptions | None = None
         )
     parts = splits or {"": root}
     found = {part: _class_images(folder, root) for part, folder in parts.items()}
+    # One walk per class folder: a link from one class's folder into another's is only seen across them.
+    check_distinct_files(
+        [path for per_class in found.values() for files in per_class.values() for path in files]
+    )
     classes = sorted({name for per_class in found.values() for name in per_class})
     for part, per_class in found.items():
         absent = [name for name in classes if name not in per_class]

@@ -63,6 +63,7 @@ import numpy as np
 from PIL import Image
 
 from semimed.errors import SemimedError
+from semimed.optional import MissingPackageError, require
 
 LOW_PERCENTILE, HIGH_PERCENTILE = 0.5, 99.5
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -146,8 +147,6 @@ def is_dicom(path: Path) -> bool:
 
 
 def _pydicom(path: Path) -> Any:
-    from semimed.optional import require
-
     pydicom = require("pydicom", "dicom", f"{path}: reading DICOM")
     try:
         import pydicom.pixels  # noqa: F401  (pydicom >= 3: decoders, modality LUT)
@@ -239,7 +238,7 @@ def _check_header(ds: Any, path: Path) -> None:
     if not available:
         packages = _DECODER_PACKAGES.get(str(syntax))
         install = f"pip install {packages}" if packages else "; ".join(decoder.missing_dependencies)
-        raise SemimedError(
+        raise MissingPackageError(
             f"{path}: DICOM pixel data compressed as {syntax.name} ({syntax}) needs a decoder that is not "
             f"installed: {install} (or {_INSTALL})"
         )

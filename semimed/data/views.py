@@ -114,6 +114,11 @@ class RunData:
         self._target_tensor = torch.from_numpy(np.array(self.targets))
 
     @property
+    def positive_class(self) -> str | None:
+        """The positive class's name (what metrics.json records), None for a task that is not binary."""
+        return None if self.positive is None else self.classes[self.positive]
+
+    @property
     def image_size(self) -> int:
         return int(self.pixels.shape[-1])
 

@@ -192,7 +192,7 @@ class Evaluator:
             "reported_checkpoint": "selected" if selected else "last",
             "select_metric": self.select_metric,
             # The class whose sensitivity, specificity, ... the binary headline metrics are (None otherwise).
-            "positive_class": None if self.data.positive is None else self.data.classes[self.data.positive],
+            "positive_class": self.data.positive_class,
             "evaluated_model": self.method.evaluated_model()
             + (f" (EMA {self.ema.decay:g})" if self.ema is not None else ""),
         }

@@ -51,6 +51,16 @@ class Trial:
         # What tells the seeds of a cell apart (and pairs an arm's seed with its control's).
         self.replicate = (self.seed, self.seed if split_seed is None else int(split_seed))
         self.multilabel = any(k.endswith("roc_auc_macro") for k in self.metrics)
+        # Whose sensitivity, specificity, ... a binary trial reports: part of its study, so that trials with
+        # different positive classes (or one run before data.positive_class, when it was class index 1) are
+        # never averaged together. None for other tasks.
+        self.positive = self.metrics.get("positive_class")
+        if (
+            self.positive is None
+            and "positive_class" not in self.metrics
+            and "test/sensitivity" in self.metrics
+        ):
+            self.positive = "class index 1 (a run from before data.positive_class)"
         # "selected" (on val) or "last"; runs older than the reported_checkpoint key: "selected" iff the
         # selected step is not the last one.
         kind, m = self.metrics.get("reported_checkpoint"), self.metrics
@@ -192,7 +202,10 @@ def show(canonical: str) -> str:
 def group_keys(trial: Trial, data: bool) -> dict[str, str]:
     """The trial's study keys (data=True) or arm keys (data=False), values canonical JSON."""
     items = trial.keys.items()
-    return {k: canon(v) for k, v in items if k.startswith("data.") == data and k not in NOT_A_CELL_KEY}
+    keys = {k: canon(v) for k, v in items if k.startswith("data.") == data and k not in NOT_A_CELL_KEY}
+    if data and trial.positive is not None:  # the class the run resolved, not "" (the dataset's default)
+        keys["data.positive_class"] = canon(trial.positive)
+    return keys
 
 
 def _method_side(key: str) -> bool:

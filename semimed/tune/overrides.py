@@ -3,6 +3,7 @@ docstring of semimed/tune/__init__.py), and every grid cell must still make a va
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,7 +157,19 @@ def trial_label(overrides: dict[str, Any]) -> str:
         return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
     pairs = [f"{part(k)}={short(v)}" for k, v in overrides.items()]
-    return ",".join(pairs).replace("/", "_").replace(" ", "")
+    label = ",".join(pairs).replace("/", "_").replace(" ", "")
+    # The label names each trial's run folder (`runs/<label>_<trial id>`) and an outer-grid search's folder: a
+    # grid of whole data sections (root, cache_dir, options) or of long roots gave a name over the file system's
+    # 255 bytes, and every such trial failed with "File name too long". Cut, with a digest of the whole label
+    # so that two long labels that share their start stay apart.
+    if len(label.encode()) <= MAX_LABEL_BYTES:
+        return label
+    digest = hashlib.sha256(label.encode()).hexdigest()[:10]
+    head = label.encode()[: MAX_LABEL_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
+
+
+MAX_LABEL_BYTES = 120  # + "_<trial id>" or "search-NNN_": well under NAME_MAX (255 bytes)
 
 
 def short(value: Any) -> str:

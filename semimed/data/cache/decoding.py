@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from semimed.data.base import LabeledImageSet
 from semimed.errors import SemimedError
+from semimed.optional import MissingPackageError
 
 
 def default_workers() -> int:
@@ -64,6 +65,8 @@ def _decode_rows(
     for row in rows:
         try:
             out.append((row, resize_center_crop(dataset.read_image(row), size), ""))
+        except MissingPackageError:  # this machine lacks a package, the file is fine: not a bad row to record
+            raise
         except (
             Exception
         ) as exc:  # one bad image (truncated, decompression bomb, odd mode) must not end a build
