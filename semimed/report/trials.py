@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from semimed import storage
-from semimed.config import config_from_dict, result_keys
+from semimed.config import config_from_dict, load_yaml, result_keys
 from semimed.errors import SemimedError, SemimedWarning
 
 CONTROL = "supervised"
@@ -149,8 +149,8 @@ def collect_trials(experiment_dir: str | Path) -> TrialSet:
             continue
         try:
             metrics = json.loads((folder / "metrics.json").read_text())
-            raw = yaml.safe_load((folder / "config.yaml").read_text())
-            if not isinstance(metrics, dict) or not isinstance(raw, dict):
+            raw = load_yaml(folder / "config.yaml")  # duplicate keys and alias bombs refused, as for configs
+            if not isinstance(metrics, dict) or not raw:  # an empty config.yaml is no run's config
                 raise ValueError("not a mapping")
         except (OSError, ValueError, yaml.YAMLError) as exc:
             out.skipped.append(
