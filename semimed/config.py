@@ -477,7 +477,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:  # the same loader as files: a one-line alias bomb (`x=[&a [1, 1], ...]`) is refused here too
         value = load_yaml_text(raw) if raw.strip() else ""
     except (yaml.YAMLError, SemimedError) as exc:
-        raise SemimedError(f"override {text!r}: invalid value ({str(exc).splitlines()[0]})") from None
+        # PyYAML's problem ("expected ',' or ']'"), not its first line, which is often only the context.
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SemimedError(f"override {text!r}: invalid value ({problem})") from None
     if isinstance(value, str):
         # YAML 1.1 reads `1e-3` (no dot) as a string; on a command line it means a number.
         try:
@@ -601,7 +603,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         loaded = load_yaml_text(text)
     except yaml.YAMLError as exc:
-        raise SemimedError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        # The problem and where it is ("found character '\t' that cannot start any token", line 2), not
+        # PyYAML's first line alone, which is often just its context ("while scanning for the next token").
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise SemimedError(f"{path}: invalid YAML{where} ({problem})") from None
     except SemimedError as exc:
         raise SemimedError(f"{path}: {exc}") from None
     if loaded is None:

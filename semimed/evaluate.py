@@ -52,6 +52,7 @@ from semimed.runs import METRICS_FILE, RUN_FILE
 
 FILES = ("predictions.parquet", "report.md", "metrics.json")  # metrics.json last: its presence means complete
 PARTS = ("all", "test")
+MAX_BOOT = 100_000  # --n-boot above this is refused (a typo, not a wish for a tighter interval)
 # Headline metrics with a resampled form beyond semimed.stats' (per class, then binary / macro): see _ratios.
 RATIO_METRICS = ("sensitivity", "specificity", "sensitivity_macro", "specificity_macro")
 # report.md's row order; any other headline (non per-class) metric follows in name order.
@@ -149,7 +150,24 @@ def check_out(out: str | Path, run_dir: str | Path) -> Path:
                 f"evaluate: --out {out}: beside the run folder {beside.name} in {parent}, where `semimed report` "
                 "would read it as a run; give a folder elsewhere"
             )
+    # An earlier evaluation there is replaced; a file of the same name that evaluate did not write (a run's or a
+    # report's metrics.json, the user's own report.md) is not: it would be overwritten without a word.
+    present = [name for name in FILES if (target / name).exists()]
+    if present and not _is_evaluation(target / FILES[2]):
+        raise SemimedError(
+            f"evaluate: --out {out}: holds {present[0]}, which no earlier `semimed evaluate` wrote (its "
+            "metrics.json would say so); it is left as it is: give a new or empty folder"
+        )
     return check_output_dir(path, "evaluate: --out")
+
+
+def _is_evaluation(metrics: Path) -> bool:
+    """Whether `metrics` is an evaluation's metrics.json (its own keys, not a run's or a report's)."""
+    try:
+        found = json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(found, dict) and {"run", "ci95", "n_boot", "metrics"} <= set(found)
 
 
 def run_dataset(run_dir: str | Path) -> str:
@@ -203,6 +221,12 @@ def evaluate_run(
     for key, value in (("--n-boot", n_boot), ("--batch-size", batch_size)):
         if value < 1:
             raise SemimedError(f"evaluate: {key} {value} must be >= 1")
+    if n_boot > MAX_BOOT:
+        # Each replicate recomputes every metric: a mistyped count would run for days without a word.
+        raise SemimedError(
+            f"evaluate: --n-boot {n_boot} is more than {MAX_BOOT:,}; 1,000 (the default) to 10,000 replicates "
+            "are usual"
+        )
     output = check_out(out, run_dir)
     check_device(device, "--device")
     target = resolve_device(device)

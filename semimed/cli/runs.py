@@ -48,6 +48,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from semimed.experiment import check_config
 
     check_config(cfg)  # the whole config first: an error leaves no run folder behind (nothing is made yet)
+    if args.address and (args.local or cfg.scaling.num_workers == 0):
+        # Both train in this process without Ray: the cluster named would be ignored without a word.
+        why = "--local" if args.local else "scaling.num_workers=0"
+        raise SemimedError(
+            f"--address {args.address}: {why} trains in this process, without Ray, so the cluster would not be "
+            "used; set scaling.num_workers=1 (or more) to train there (without --local), or drop --address"
+        )
     if cfg.name:
         check_name(cfg.name, "name")
     # Where the run goes is checked before any data is read: a file or a read-only folder there is one line now,

@@ -136,6 +136,13 @@ def _class_images(folder: Path, root: Path) -> dict[str, list[Path]]:
         raise SemimedError(f"{folder}: image {loose[0]!r} is outside any class folder")
     found = {}
     for class_dir in classes:
+        # walk_files checks the links below a class folder; the class (or split) folder itself may be one too.
+        real = class_dir.resolve()
+        if not real.is_relative_to(root.resolve()):
+            raise SemimedError(
+                f"{class_dir}: link leads outside the data root {root} (to {real}); copy or move that data "
+                "under the root, or make the root a folder above both"
+            )
         files = walk_files(class_dir, root, lambda name: name.lower() not in JUNK)
         other = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
         if other:

@@ -17,6 +17,7 @@ Every error is one line naming the file, the row and the column: "line N" of a C
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,24 @@ def _binary_matrix(table: pd.DataFrame, columns: list[str], row) -> np.ndarray:
     return matrix
 
 
+def _check_spellings(classes: list[str], first_row: Callable[[str], int], row, column: str) -> None:
+    """Refuse two class names that differ only in letter case (`Malignant`, `malignant`): almost surely one
+    class typed two ways, which would otherwise silently become two classes (a 3-class task, or a split refused
+    for a class of a few images)."""
+    first: dict[str, str] = {}
+    for name in classes:
+        other = first.setdefault(name.casefold(), name)
+        if other != name:
+            # Name the spelling met later, at its first row, against the earlier one's first row.
+            (early, early_name), (late, late_name) = sorted(
+                [(first_row(other), other), (first_row(name), name)]
+            )
+            raise SemimedError(
+                f"{row(late)}, column {column!r}: label {late_name!r} differs from {early_name!r} ({row(early)}) "
+                "only in letter case; spell each class one way"
+            )
+
+
 def _labels(table: pd.DataFrame, options: ManifestOptions, path: Path, row) -> tuple[list[str], np.ndarray]:
     """(classes, labels): int64 [N] for one label column, float32 [N, K] for the multi-label forms."""
     if options.label_columns and options.labels_separator:
@@ -124,6 +143,9 @@ def _labels(table: pd.DataFrame, options: ManifestOptions, path: Path, row) -> t
             if "" in names:
                 raise SemimedError(f"{row(i)}, column {column!r}: empty class name in {values.iat[i]!r}")
         classes = sorted({name for names in parts for name in names})
+        _check_spellings(
+            classes, lambda name: next(i for i, names in enumerate(parts) if name in names), row, column
+        )
         if len(classes) < 2:
             raise SemimedError(
                 f"{path}, column {column!r}: {len(classes)} class name(s) in all rows; need 2+"
@@ -137,6 +159,7 @@ def _labels(table: pd.DataFrame, options: ManifestOptions, path: Path, row) -> t
     if blank.any():
         raise SemimedError(f"{row(int(np.flatnonzero(blank)[0]))}, column {column!r}: empty label")
     classes = sorted(set(values))
+    _check_spellings(classes, lambda name: int(np.flatnonzero((values == name).to_numpy())[0]), row, column)
     if len(classes) < 2:
         raise SemimedError(
             f"{path}, column {column!r}: one class only ({classes[0]!r}); a classifier needs two"

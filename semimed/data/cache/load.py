@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from semimed.data.cache.layout import (
 )
 from semimed.data.cache.lock import release_lock, take_lock
 from semimed.data.cache.refresh import refresh_changed
+from semimed.files import check_output_dir
 
 
 def load_pixels(
@@ -73,6 +75,8 @@ def load_pixels(
         found = exact() or find_superset(dataset, size, folder.parent)
         if found is not None:
             return fresh(found)
+    # A file, or a read-only folder, where the cache goes is one line naming the setting, not an OSError.
+    check_output_dir(folder.parent, _cache_dir_key(cache_dir))
     folder.parent.mkdir(parents=True, exist_ok=True)
     found = take_lock(folder, wait_for_lock, None if rebuild else exact)
     if found is not None:  # built by the process we waited for
@@ -92,6 +96,13 @@ def load_pixels(
         return build_cache(dataset, size, folder, key, shape, workers, progress, extra_manifest or {})
     finally:
         release_lock(folder)
+
+
+def _cache_dir_key(cache_dir: str | Path | None) -> str:
+    """The setting that chose the cache folder, for messages."""
+    if cache_dir:
+        return "data.cache_dir"
+    return "SEMIMED_CACHE" if os.environ.get("SEMIMED_CACHE") else "the default cache folder"
 
 
 def _note_older_caches(dataset: LabeledImageSet, size: int, cache_dir: Path) -> None:
