@@ -351,7 +351,10 @@ def test_sweep_survives_a_trial_killed_by_rays_memory_monitor(demo_roots, tmp_pa
     assert "Caught unexpected exception" not in text
     metrics = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/metrics.json")}
     assert len(metrics) == 2 and {m["step"] for m in metrics.values()} == {300}
-    assert metrics[killed.name]["resumed_from_step"] > 0
+    # Ray's monitor picks the worker it kills (the newest task first): not always the trial whose checkpoint
+    # the test waited for, which may even finish while the memory is being taken. The killed one resumed.
+    resumed = [name for name, m in metrics.items() if m["resumed_from_step"] > 0]
+    assert len(resumed) == 1, (killed.name, {name: m["resumed_from_step"] for name, m in metrics.items()})
     errors = "".join(p.read_text() for p in (storage / "oom").glob("semimed_trial_*/error.txt"))
     assert "OutOfMemoryError" in errors and "low on memory" in errors  # killed by the monitor, then retried
 
