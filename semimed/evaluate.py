@@ -69,7 +69,6 @@ ORDER = (
     "subset_accuracy",
     "hamming_accuracy",
 )
-_BLOCK_ELEMENTS = 1 << 18  # replicates per block x patients stay cache-sized (as semimed.stats does)
 
 
 @dataclass
@@ -422,7 +421,7 @@ def _intervals(
     wanted = [m for m in RATIO_METRICS if m in finite]
     if wanted:
         # The same key and blocks as metric_replicates: the same patient resamples for every metric.
-        block = max(1, min(n_boot, _BLOCK_ELEMENTS // max(len(rows), len(patients))))
+        block = stats.replicate_block(len(rows), len(patients), n_boot)
         counts = _ratio_counts(pred, thresholds)
         parts = [
             ratio_metrics(pred, counts, w, wanted)

@@ -270,13 +270,19 @@ def patient_counts(n_patients: int, n_boot: int, key: Sequence[int], block: int)
         yield np.bincount((draws + offset).ravel(), minlength=rows * n_patients).reshape(rows, n_patients)
 
 
+def replicate_block(n_rows: int, n_patients: int, n_boot: int) -> int:
+    """Replicates drawn per block: the dense [rows or patients, block] intermediates stay cache-sized. Whoever
+    resamples with `patient_counts` must use it, so that one key gives the same resamples everywhere."""
+    return max(1, min(n_boot, _BLOCK_ELEMENTS // max(n_rows, n_patients)))
+
+
 def metric_replicates(
     pred: Predictions, metrics: Sequence[str], key: Sequence[int], n_boot: int = N_BOOT
 ) -> dict[str, np.ndarray]:
     """Each metric on `n_boot` patient resamples of the test set: [n_boot] per metric. Deterministic in `key`
     (and in the number of patients and images), so two trials with the same test set and key get the same
     resamples: that is what pairs them."""
-    block = max(1, min(n_boot, _BLOCK_ELEMENTS // max(len(pred.rows), pred.n_patients)))
+    block = replicate_block(len(pred.rows), pred.n_patients, n_boot)
     parts = [weighted_metrics(pred, c, metrics) for c in patient_counts(pred.n_patients, n_boot, key, block)]
     return {m: np.concatenate([p[m] for p in parts]) for m in metrics}
 
